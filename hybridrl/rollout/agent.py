@@ -1,0 +1,50 @@
+"""Rollout in token space: every prompt goes to the engine as its own request, all in flight at once.
+
+    samples = await rollout(engine, prompts, sampling, tokenizer)   # len = len(prompts) * sampling.n
+
+No batch barrier: each request finishes on its own, and a progress bar counts completions.
+Multi-turn agent loops (tools, interactions) build on the same `Sample.append`.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+from dataclasses import replace
+
+from tqdm.auto import tqdm
+
+from hybridrl.rollout.base import GenerateOutput, RolloutEngine, SamplingParams
+from hybridrl.types import Sample
+
+
+def request_seed(base: int, step: int, index: int) -> int:
+    """A per-request seed, so sampling does not depend on scheduling order (reproducible resume)."""
+    return (base * 1_000_003 + step * 10_007 + index) % (2**31 - 1)
+
+
+async def rollout(engine: RolloutEngine, prompts: list[Sample], sampling: SamplingParams, tokenizer=None,
+                  step: int = 0, desc: str = "rollout", progress: bool = True) -> list[Sample]:
+    """Generate `sampling.n` completions per prompt; returns samples grouped by prompt (group = prompt #)."""
+    bar = tqdm(total=len(prompts) * sampling.n, desc=desc, unit="seq", disable=not progress, leave=False)
+
+    async def one(i: int, prompt: Sample) -> list[Sample]:
+        sp = replace(sampling, seed=None if sampling.seed is None else request_seed(sampling.seed, step, i))
+        outs = await engine.generate(prompt.prompt_ids, sp, request_id=f"s{step}-p{i}")
+        bar.update(len(outs))
+        return [to_sample(prompt, i, out, tokenizer) for out in outs]
+
+    try:
+        groups = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    finally:
+        bar.close()
+    return [s for g in groups for s in g]
+
+
+def to_sample(prompt: Sample, group: int, out: GenerateOutput, tokenizer) -> Sample:
+    s = copy.copy(prompt)
+    s.group, s.response_ids, s.loss_mask, s.rollout_logprobs = group, [], [], []
+    s.append(out.output_ids, out.logprobs, trainable=True)
+    s.finish_reason, s.weight_version = out.finish_reason, out.weight_version
+    if tokenizer is not None:
+        s.response_text = tokenizer.decode(out.output_ids, skip_special_tokens=True)
+    return s

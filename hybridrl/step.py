@@ -1,0 +1,162 @@
+"""One RL step, top to bottom: rollout → reward → reference/old log-probs → advantages → update → sync.
+
+`rl_step` works with any rollout backend (native, sglang) and any trainer that offers
+`log_probs`, `update`, `named_weights` (see hybridrl/trainer/actor.py). The engine sleeps
+while the trainer works when `rollout.free_cache_engine` is on (colocated flow), and wakes in
+stages for the weight push: weights first, then the KV cache (the OOM-at-wake fix).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hybridrl import algorithms as A
+from hybridrl.config import Config
+from hybridrl.rollout.agent import rollout
+from hybridrl.rollout.base import SamplingParams
+from hybridrl.sync import bucketize
+from hybridrl.trainer.batch import collate
+from hybridrl.types import Sample
+
+
+@dataclass
+class RLContext:
+    """Everything one step needs; built once by train.py."""
+    cfg: Config
+    engine: Any                 # RolloutEngine
+    actor: Any                  # Policy
+    tokenizer: Any
+    reward_fn: Any              # (data_source, text, ground_truth, extra_info) -> {"score": ...}
+    ref: Any = None             # frozen Policy, when a KL term is used
+    critic: Any = None          # Critic, for gae
+    kl_ctrl: Any = None
+    version: int = 0            # weight version the engine serves
+    timing: dict = field(default_factory=dict)
+
+    @contextmanager
+    def timer(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.timing[name] = self.timing.get(name, 0.0) + time.perf_counter() - t
+
+
+def train_sampling(cfg: Config) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(max_new_tokens=r.response_length, temperature=r.temperature, top_k=r.top_k,
+                          top_p=r.top_p, min_p=r.min_p, n=r.n, stop=list(r.stop), seed=r.seed)
+
+
+async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
+    cfg, ctx.timing = ctx.cfg, {}
+    T = cfg.rollout.temperature
+    t0 = time.perf_counter()
+
+    # 1. rollout: n samples per prompt, all requests in flight; then the engine sleeps
+    with ctx.timer("gen"):
+        samples = await rollout(ctx.engine, prompts, train_sampling(cfg), ctx.tokenizer, step=step)
+    if cfg.rollout.free_cache_engine:
+        with ctx.timer("sleep"):
+            await ctx.engine.sleep(["kv_cache", "weights"])
+
+    # 2. rewards, one score per sample
+    with ctx.timer("reward"):
+        score_samples(samples, ctx.reward_fn)
+    batch = collate(samples, pad_id=ctx.tokenizer.pad_token_id or 0)
+    mask = batch.response_mask
+
+    # 3. reference log-probs (for a KL term)
+    ref_logp = None
+    if ctx.ref is not None:
+        with ctx.timer("ref"):
+            ref_logp, _ = ctx.ref.log_probs(batch, T, cfg.ref.log_prob_micro_batch_size_per_gpu)
+
+    # 4. old log-probs: recomputed by the trainer, or the rollout's own when configured
+    with ctx.timer("old_log_prob"):
+        if cfg.rollout.use_rollout_log_probs:
+            old_logp, entropy = batch.rollout_logp, torch.zeros_like(mask)
+        else:
+            old_logp, entropy = ctx.actor.log_probs(batch, T, cfg.rollout.log_prob_micro_batch_size_per_gpu,
+                                                    with_entropy=True)
+
+    # 5. advantages (KL in the reward first, values from the critic for gae)
+    with ctx.timer("adv"):
+        token_rewards, metrics = A.scores_to_token_rewards(batch.scores, mask), {}
+        if cfg.algorithm.use_kl_in_reward and ref_logp is not None:
+            token_rewards, kl_m = A.apply_kl_penalty(token_rewards, old_logp, ref_logp, mask,
+                                                     ctx.kl_ctrl.value, cfg.algorithm.kl_penalty)
+            ctx.kl_ctrl.update(kl_m["kl"], n_steps=batch.size)
+            metrics.update({"actor/reward_kl_penalty": kl_m["kl"], "actor/kl_coef": ctx.kl_ctrl.value})
+        values = ctx.critic.values(batch) if ctx.critic is not None else None
+        adv, returns = A.compute_advantages(
+            cfg.algorithm.adv_estimator, scores=batch.scores, group_ids=batch.group_ids, mask=mask,
+            token_rewards=token_rewards, values=values, gamma=cfg.algorithm.gamma, lam=cfg.algorithm.lam,
+            norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo)
+
+    # 6. update: critic, then the actor (after the critic warm-up)
+    mini = cfg.actor.ppo_mini_batch_size * cfg.rollout.n
+    with ctx.timer("update"):
+        if ctx.critic is not None:
+            metrics.update(ctx.critic.update(batch, values, returns, mini, cfg.actor.loss_agg_mode))
+        if step > cfg.trainer.critic_warmup:
+            metrics.update({f"actor/{k}": v for k, v in
+                            ctx.actor.update(batch, old_logp, adv, ref_logp, T, mini).items()})
+
+    # 7. weight sync: the engine serves the new policy under a new version
+    with ctx.timer("sync"):
+        await sync_weights(ctx)
+
+    # 8. metrics
+    metrics.update(step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg))
+    metrics.update({f"timing/{k}": v for k, v in ctx.timing.items()})
+    metrics["timing/step"] = time.perf_counter() - t0
+    n_tokens = int(batch.attention_mask.sum())
+    metrics["perf/tokens_per_s"] = n_tokens / metrics["timing/step"]
+    metrics["perf/weight_version"] = ctx.version
+    return metrics
+
+
+def score_samples(samples: list[Sample], reward_fn) -> None:
+    for s in samples:
+        out = reward_fn(s.data_source, s.response_text, s.ground_truth, s.extra_info)
+        s.reward = float(out["score"])
+        s.reward_extra = {k: v for k, v in out.items() if k != "score"}
+
+
+async def sync_weights(ctx: RLContext) -> None:
+    """Multi-stage wake and push: wake weights → stream buckets (new version) → flush → wake KV cache."""
+    cfg, engine = ctx.cfg, ctx.engine
+    colocated = cfg.rollout.free_cache_engine
+    if colocated:
+        await engine.wake(["weights"])
+    ctx.version += 1
+    await engine.update_weights(bucketize(ctx.actor.named_weights(), cfg.rollout.update_weights_bucket_megabytes),
+                                ctx.version)
+    await engine.flush_cache()
+    if colocated:
+        await engine.wake(["kv_cache"])
+
+
+def step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg) -> dict:
+    mask, m = batch.response_mask, {}
+    lengths = mask.sum(1)
+    m["response_length/mean"] = float(lengths.mean())
+    m["response_length/max"] = float(lengths.max())
+    m["response_length/clip_ratio"] = sum(s.truncated for s in samples) / len(samples)
+    m["reward/mean"] = float(batch.scores.mean())
+    m["reward/std"] = float(batch.scores.std()) if len(samples) > 1 else 0.0
+    for src in sorted({s.data_source for s in samples}):
+        r = torch.tensor([s.reward for s in samples if s.data_source == src])
+        m[f"reward/{src}/mean"] = float(r.mean())
+        m[f"reward/{src}/std"] = float(r.std()) if len(r) > 1 else 0.0
+    m["actor/entropy"] = float(A.masked_mean(entropy, mask)) if mask.any() else 0.0
+    m["adv/mean"] = float(A.masked_mean(adv, mask)) if mask.any() else 0.0
+    if ref_logp is not None:
+        m["actor/ref_kl"] = float(A.masked_mean(A.kl_penalty(old_logp, ref_logp, "low_var_kl"), mask))
+    if mask.any() and not cfg.rollout.use_rollout_log_probs:
+        m.update({f"rollout/{k}": v for k, v in
+                  A.rollout_mismatch_metrics(old_logp, batch.rollout_logp, mask).items()})
+    return m

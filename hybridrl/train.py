@@ -1,0 +1,204 @@
+"""`hybridrl train`: build data, engine and trainer, loop over `rl_step`, validate, checkpoint, plot.
+
+    hybridrl train                                   # the embedded default: GRPO on SmolLM2-135M, CPU-sized
+    hybridrl train algorithm.adv_estimator=gae ...   # PPO with a critic
+    python -m hybridrl.main_ppo data.train_files=... actor_rollout_ref.rollout.name=sglang ...
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hybridrl import HybridRLError, algorithms as A
+from hybridrl import checkpoint as ckpt
+from hybridrl.config import Config
+from hybridrl.rollout.agent import rollout
+from hybridrl.rollout.base import SamplingParams, engine_class
+from hybridrl.step import RLContext, rl_step, score_samples, sync_weights
+from hybridrl.tracking import Tracker, plot_run
+from hybridrl.types import Sample
+
+
+class PromptLoader:
+    """Epochs over the prompts in batches; its position is part of a checkpoint."""
+
+    def __init__(self, prompts: list[Sample], batch_size: int, shuffle: bool, seed: int):
+        if len(prompts) < batch_size:
+            raise HybridRLError(f"only {len(prompts)} training prompts for data.train_batch_size={batch_size}: "
+                                "lower data.train_batch_size or add data")
+        self.prompts, self.batch_size, self.shuffle, self.seed = prompts, batch_size, shuffle, seed
+        self.epoch, self.pos = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.prompts) // self.batch_size
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.prompts)))
+        return torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def next(self) -> list[Sample]:
+        if self.pos + self.batch_size > len(self.prompts):
+            self.epoch, self.pos = self.epoch + 1, 0
+        idx = self._order()[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return [self.prompts[i] for i in idx]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, s: dict) -> None:
+        self.epoch, self.pos = s["epoch"], s["pos"]
+
+
+def train(cfg: Config) -> dict:
+    """Run training; returns the paths of the run folder, metrics, plot, last checkpoint and export."""
+    return asyncio.run(train_async(cfg))
+
+
+async def train_async(cfg: Config) -> dict:
+    from hybridrl.trainer.actor import Critic, Policy, pick_device
+    run_dir = Path(cfg.trainer.default_local_dir)
+    ckpt.check_writable(run_dir)
+    seed_everything(cfg.trainer.seed)
+    model_path, tokenizer, train_prompts, val_prompts = load_inputs(cfg)
+    device = pick_device(cfg.trainer.device)
+    actor = Policy(model_path, cfg.model, cfg.actor, device)
+    needs_ref = cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
+    ref = Policy(model_path, cfg.model, cfg.actor, device, trainable=False) if needs_ref else None
+    critic = (Critic(cfg.critic.model_path or model_path, cfg.model, cfg.critic, device)
+              if cfg.algorithm.adv_estimator == "gae" else None)
+    from hybridrl.rewards import load_reward_fn
+    ctx = RLContext(cfg, None, actor, tokenizer, load_reward_fn(cfg.reward), ref=ref, critic=critic,
+                    kl_ctrl=make_kl_ctrl(cfg))
+    loader = PromptLoader(train_prompts, cfg.data.train_batch_size, cfg.data.shuffle, cfg.data.seed)
+    total = total_steps(cfg, loader)
+    start = resume(cfg, run_dir, ctx, loader)
+    tracker = Tracker(cfg.trainer.logger, run_dir, asdict(cfg), cfg.trainer.project_name,
+                      cfg.trainer.experiment_name, resume_step=start)
+    ctx.engine = engine_class(cfg.rollout.name).from_config(cfg, model_path=model_path)
+    last_ckpt = None
+    try:
+        await sync_weights(ctx)                       # the engine may start from dummy weights
+        if cfg.trainer.val_before_train and start == 0 and val_prompts:
+            tracker.log(await validate(ctx, val_prompts), 0)
+        for step in tqdm(range(start + 1, total + 1), desc="train", unit="step", initial=start, total=total):
+            metrics = await rl_step(ctx, loader.next(), step)
+            warn_step(metrics, step)
+            last = step == total
+            if val_prompts and ((cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0) or last):
+                metrics.update(await validate(ctx, val_prompts))
+            tracker.log(metrics, step)
+            if (cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0) or last:
+                last_ckpt = save_checkpoint(cfg, run_dir, step, ctx, loader)
+    finally:
+        await ctx.engine.close()
+        tracker.close()
+    return finish(run_dir, ctx, last_ckpt)
+
+
+def load_inputs(cfg: Config):
+    from hybridrl.data import load_prompts
+    from hybridrl.models import default_model_path, load_tokenizer
+    model_path = cfg.model.path or default_model_path()
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_path)
+    train_files, val_files = list(cfg.data.train_files), list(cfg.data.val_files)
+    if not train_files:
+        train_files, val_files = default_task_files(val_files)
+    kw = dict(tokenizer=tokenizer, max_prompt_length=cfg.data.max_prompt_length, prompt_key=cfg.data.prompt_key)
+    train_prompts = load_prompts(train_files, max_samples=cfg.data.max_samples, **kw)
+    val_prompts = load_prompts(val_files, **kw) if val_files else []
+    return model_path, tokenizer, train_prompts, val_prompts
+
+
+def default_task_files(val_files: list[str]) -> tuple[list[str], list[str]]:
+    """The embedded default task, generated once into the cache (see docs/default_run.md)."""
+    from hybridrl.data import prepare_reasoning_gym
+    from hybridrl.models import cache_dir
+    out = cache_dir() / "data" / "default_task"
+    paths = prepare_reasoning_gym(**DEFAULT_TASK, out_dir=str(out))
+    return [paths["train"]], val_files or [paths["val"]]
+
+
+DEFAULT_TASK = dict(task="basic_arithmetic", size=512, seed=0, val_size=64,
+                    min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=("+", "-"))
+
+
+def total_steps(cfg: Config, loader: PromptLoader) -> int:
+    if cfg.trainer.total_training_steps > 0:
+        return cfg.trainer.total_training_steps
+    return loader.steps_per_epoch * cfg.trainer.total_epochs
+
+
+def make_kl_ctrl(cfg: Config):
+    a = cfg.algorithm
+    if a.kl_ctrl_type == "adaptive":
+        return A.AdaptiveKLController(a.kl_coef, a.target_kl, a.kl_horizon)
+    return A.FixedKLController(a.kl_coef)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+async def validate(ctx: RLContext, prompts: list[Sample]) -> dict:
+    v = ctx.cfg.rollout.val_kwargs
+    sp = SamplingParams(max_new_tokens=ctx.cfg.rollout.response_length,
+                        temperature=v.temperature if v.do_sample else 0.0, top_k=v.top_k, top_p=v.top_p,
+                        n=v.n if v.do_sample else 1, stop=list(ctx.cfg.rollout.stop), seed=ctx.cfg.rollout.seed)
+    samples = await rollout(ctx.engine, prompts, sp, ctx.tokenizer, step=-1, desc="validate")
+    score_samples(samples, ctx.reward_fn)
+    m = {"val/reward/mean": sum(s.reward for s in samples) / len(samples)}
+    for src in sorted({s.data_source for s in samples}):
+        r = [s.reward for s in samples if s.data_source == src]
+        m[f"val/reward/{src}/mean"] = sum(r) / len(r)
+    m["val/response_length/mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
+    return m
+
+
+def warn_step(metrics: dict, step: int) -> None:
+    if metrics.get("response_length/clip_ratio", 0) >= 1.0:
+        tqdm.write(f"warning: step {step}: every response hit rollout.response_length; rewards may all be "
+                   "zero. Raise data.max_response_length or ask for shorter answers.")
+    if metrics.get("reward/std", 1.0) == 0.0:
+        tqdm.write(f"warning: step {step}: all rewards equal ({metrics.get('reward/mean'):.3g}), so every "
+                   "advantage is zero and the policy did not move this step.")
+
+
+def resume(cfg: Config, run_dir: Path, ctx: RLContext, loader: PromptLoader) -> int:
+    path = ckpt.find_resume_path(run_dir, cfg.trainer.resume_mode, cfg.trainer.resume_from_path)
+    if path is None:
+        return 0
+    trainer_state, state = ckpt.load(path)
+    ctx.actor.load_state_dict(trainer_state["actor"])
+    if ctx.critic is not None and trainer_state.get("critic"):
+        ctx.critic.load_state_dict(trainer_state["critic"])
+    if trainer_state.get("kl_coef") is not None:
+        ctx.kl_ctrl.value = trainer_state["kl_coef"]
+    loader.load(state["loader"])
+    ctx.version = state.get("weight_version", 0)
+    print(f"resumed from {path} (step {state['step']})")
+    return state["step"]
+
+
+def save_checkpoint(cfg: Config, run_dir: Path, step: int, ctx: RLContext, loader: PromptLoader) -> Path:
+    trainer_state = {"actor": ctx.actor.state_dict(), "kl_coef": ctx.kl_ctrl.value,
+                     "critic": ctx.critic.state_dict() if ctx.critic is not None else None}
+    return ckpt.save(run_dir, step, trainer_state, {"loader": loader.state(), "weight_version": ctx.version},
+                     keep=cfg.trainer.max_actor_ckpt_to_keep)
+
+
+def finish(run_dir: Path, ctx: RLContext, last_ckpt: Path | None) -> dict:
+    export = ckpt.export_hf(ctx.actor.model, ctx.tokenizer, run_dir / "actor_hf")
+    plot = plot_run(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
+    out = {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "plot": str(plot),
+           "checkpoint": str(last_ckpt), "export": str(export)}
+    print("\n".join(f"{k:>10}: {v}" for k, v in out.items()))
+    return out
