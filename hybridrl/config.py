@@ -1,12 +1,43 @@
-"""Typed configuration: dataclasses with defaults and a help string on every field.
+"""Typed configuration: dataclasses with defaults, a help string on every field, validated on construction.
 
-Field names and sections are a contract other modules code against; the verl key mapping,
-YAML loading, dotted overrides and validation live here too.
+    cfg = load_config(["rollout.n=8", "actor_rollout_ref.actor.optim.lr=1e-6"], config_file="examples/gsm8k_grpo.yaml")
+    print(to_yaml(cfg))                       # or: hybridrl config show rollout.n=8
+
+Keys come in our layout (`rollout.n`) or verl's (`actor_rollout_ref.rollout.n`, mapped by `config_verl.py`),
+from a YAML file in either layout and from dotted command-line overrides (Hydra's `+key=value` too). Values are
+type-checked by omegaconf's structured configs, `${trainer.project_name}`-style interpolations are resolved, and
+the dataclasses' `__post_init__` check ranges, enums and cross-field rules. A bad key or value raises
+`HybridRLError` naming it; a verl key we accept but do not implement gives a `ConfigWarning`.
+
+Lengths: `data.max_prompt_length` / `data.max_response_length` are the source of truth and
+`rollout.prompt_length` / `rollout.response_length` mirror them. Set either spelling: the one you set is copied
+to the other; setting both to different values is an error.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, get_type_hints
+
+from hybridrl import HybridRLError
+from hybridrl import config_verl
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
+VERL_ONLY_LOGGERS = ("mlflow", "swanlab", "vemlp_wandb", "clearml", "file")
+LENGTH_PAIRS = (("max_prompt_length", "prompt_length"), ("max_response_length", "response_length"))
+ADV_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax")
+
+
+class ConfigWarning(UserWarning):
+    """A config value that is accepted but has no effect (yet)."""
+
+
+def warn(msg: str) -> None:
+    warnings.warn(msg, ConfigWarning, stacklevel=3)
 
 
 def f(default: Any, help: str):
@@ -16,6 +47,45 @@ def f(default: Any, help: str):
     return field(default=default, metadata={"help": help})
 
 
+_RULES = {
+    "gt0": (lambda v: v > 0, "must be > 0"),
+    "ge0": (lambda v: v >= 0, "must be >= 0"),
+    "ge1": (lambda v: v >= 1, "must be >= 1"),
+    "opt": (lambda v: v == -1 or v >= 1, "must be -1 (off) or >= 1"),
+    "unit": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "prob": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+}
+
+
+def _bad(key: str, value: Any, want: str) -> HybridRLError:
+    return HybridRLError(f"config {key}={value!r} is invalid: {want}")
+
+
+def _check(obj, choices: dict | None = None, **rules: tuple) -> None:
+    """Range rules (`gt0=("lr",)` ...) and enums (`choices={"name": (...)}`) on one section's fields."""
+    for rule, names in rules.items():
+        ok, want = _RULES[rule]
+        for name in names:
+            v = getattr(obj, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+                raise _bad(f"{obj._section}.{name}", v, want)
+    for name, allowed in (choices or {}).items():
+        v = getattr(obj, name)
+        if v not in allowed:
+            raise _bad(f"{obj._section}.{name}", v, "must be one of " + " | ".join(allowed))
+
+
+def _as_list(v) -> list:
+    """verl accepts one path or a list of paths: `data.train_files=a.parquet` or `=[a.parquet,b.parquet]`."""
+    if v is None or v == "":
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _expand(path: str) -> str:
+    return os.path.expanduser(path) if isinstance(path, str) else path
+
+
 @dataclass
 class DataConfig:
     train_files: list = f([], "parquet/jsonl files of training prompts (verl layout); empty = the embedded default task")
@@ -23,8 +93,9 @@ class DataConfig:
     prompt_key: str = f("prompt", "column holding the chat messages")
     train_batch_size: int = f(8, "prompts per RL step (each gets rollout.n samples)")
     val_batch_size: int = f(64, "prompts per validation generate call")
-    max_prompt_length: int = f(256, "prompts longer than this (after the chat template) are dropped, with a count")
-    max_response_length: int = f(128, "max new tokens per response")
+    max_prompt_length: int = f(256, "prompts longer than this (after the chat template) are dropped, with a count "
+                                    "(the source of truth; rollout.prompt_length mirrors it)")
+    max_response_length: int = f(128, "max new tokens per response (the source of truth; rollout.response_length mirrors it)")
     shuffle: bool = f(True, "shuffle training prompts each epoch")
     seed: int = f(0, "seed for shuffling")
     max_samples: int = f(-1, "use at most this many training prompts (-1 = all)")
@@ -33,6 +104,14 @@ class DataConfig:
     output_path: str = f("outputs/generations.parquet", "generate: where the parquet with `responses` goes")
     n_samples: int = f(1, "generate: responses per prompt")
     batch_size: int = f(64, "generate: prompts submitted at once")
+    _section: ClassVar[str] = "data"
+
+    def __post_init__(self):
+        self.train_files = [_expand(p) for p in _as_list(self.train_files)]
+        self.val_files = [_expand(p) for p in _as_list(self.val_files)]
+        self.path, self.output_path = _expand(self.path), _expand(self.output_path)
+        _check(self, ge1=("train_batch_size", "val_batch_size", "max_prompt_length", "max_response_length",
+                          "n_samples", "batch_size"), opt=("max_samples",))
 
 
 @dataclass
@@ -43,6 +122,11 @@ class ModelConfig:
     enable_gradient_checkpointing: bool = f(False, "recompute activations in backward to save memory")
     use_remove_padding: bool = f(True, "pack sequences without padding in training forward passes")
     trust_remote_code: bool = f(False, "allow custom model code from the model folder")
+    _section: ClassVar[str] = "model"
+
+    def __post_init__(self):
+        self.path, self.tokenizer_path = _expand(self.path), _expand(self.tokenizer_path)
+        _check(self, choices={"dtype": DTYPES})
 
 
 @dataclass
@@ -52,6 +136,11 @@ class ValKwargs:
     top_p: float = f(1.0, "validation top-p")
     n: int = f(1, "validation samples per prompt")
     do_sample: bool = f(False, "sample in validation (False = greedy)")
+    _section: ClassVar[str] = "rollout.val_kwargs"
+
+    def __post_init__(self):
+        self.top_k = -1 if self.top_k == 0 else self.top_k
+        _check(self, ge0=("temperature",), unit=("top_p",), ge1=("n",), opt=("top_k",))
 
 
 @dataclass
@@ -63,8 +152,8 @@ class RolloutConfig:
     top_p: float = f(1.0, "top-p in (0, 1]")
     min_p: float = f(0.0, "min-p in [0, 1)")
     n: int = f(4, "samples per prompt (the GRPO group size)")
-    prompt_length: int = f(256, "max prompt tokens (mirrors data.max_prompt_length)")
-    response_length: int = f(128, "max new tokens (mirrors data.max_response_length)")
+    prompt_length: int = f(256, "max prompt tokens (mirrors data.max_prompt_length; set either one)")
+    response_length: int = f(128, "max new tokens (mirrors data.max_response_length; set either one)")
     stop: list = f([], "stop strings")
     seed: int = f(0, "sampling seed")
     dtype: str = f("auto", "engine dtype: auto | float32 | bfloat16 | float16")
@@ -88,6 +177,25 @@ class RolloutConfig:
     server_start_timeout: float = f(600.0, "seconds to wait for an engine server to become healthy")
     request_timeout: float = f(600.0, "seconds one generate request may take")
     val_kwargs: ValKwargs = field(default_factory=ValKwargs, metadata={"help": "sampling used in validation"})
+    _section: ClassVar[str] = "rollout"
+
+    def __post_init__(self):
+        if self.name == "vllm":
+            raise _bad("rollout.name", self.name, "hybridrl runs rollouts on native | sglang; use rollout.name=sglang")
+        self.top_k = -1 if self.top_k == 0 else self.top_k
+        self.stop = _as_list(self.stop)
+        _check(self, ge0=("temperature",), unit=("top_p", "gpu_memory_utilization"), opt=("top_k",),
+               ge1=("n", "prompt_length", "response_length", "tensor_model_parallel_size", "max_num_seqs",
+                    "max_num_batched_tokens", "kv_block_size", "log_prob_micro_batch_size_per_gpu",
+                    "update_weights_bucket_megabytes"),
+               gt0=("server_start_timeout", "request_timeout"),
+               choices={"name": ("native", "sglang"), "mode": ("colocated", "standalone"), "dtype": DTYPES,
+                        "weight_sync": ("tensor", "disk", "nccl")})
+        if not 0 <= self.min_p < 1:
+            raise _bad("rollout.min_p", self.min_p, "must be in [0, 1)")
+        if self.name == "native" and self.tensor_model_parallel_size > 1:
+            warn(f"accepted but not implemented yet: rollout.tensor_model_parallel_size="
+                 f"{self.tensor_model_parallel_size} with rollout.name=native (the native engine runs on one GPU)")
 
 
 @dataclass
@@ -115,12 +223,32 @@ class ActorConfig:
     param_offload: bool = f(False, "offload parameters to CPU between phases")
     optimizer_offload: bool = f(False, "offload optimizer state to CPU between phases")
     max_nan_steps: int = f(3, "stop after this many updates in a row with a non-finite loss")
+    _section: ClassVar[str] = "actor"
+
+    def __post_init__(self):
+        _check(self, gt0=("lr", "grad_clip", "clip_ratio"), ge0=("warmup_steps", "weight_decay", "entropy_coeff",
+               "kl_loss_coef", "tis_threshold"), ge1=("ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu",
+               "ppo_max_token_len_per_gpu", "ppo_epochs", "max_nan_steps"),
+               choices={"policy_loss": ("vanilla", "gspo"), "kl_loss_type": KL_TYPES, "loss_agg_mode": (
+                   "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")})
+        for name in ("clip_ratio_low", "clip_ratio_high"):
+            v = getattr(self, name)
+            if v != -1 and not 0 < v < (1 if name == "clip_ratio_low" else float("inf")):
+                raise _bad(f"actor.{name}", v, "must be -1 (= clip_ratio) or > 0 (and < 1 for the low side)")
+        if self.clip_ratio_c <= 1:
+            raise _bad("actor.clip_ratio_c", self.clip_ratio_c, "must be > 1")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise _bad("actor.betas", list(self.betas), "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
 
 
 @dataclass
 class RefConfig:
     log_prob_micro_batch_size_per_gpu: int = f(8, "sequences per micro-batch for reference log-probs")
     param_offload: bool = f(False, "keep the reference on CPU between uses")
+    _section: ClassVar[str] = "ref"
+
+    def __post_init__(self):
+        _check(self, ge1=("log_prob_micro_batch_size_per_gpu",))
 
 
 @dataclass
@@ -132,11 +260,17 @@ class CriticConfig:
     ppo_epochs: int = f(1, "critic passes over each batch")
     cliprange_value: float = f(0.5, "value clipping range")
     grad_clip: float = f(1.0, "critic max gradient norm")
+    _section: ClassVar[str] = "critic"
+
+    def __post_init__(self):
+        self.model_path = _expand(self.model_path)
+        _check(self, gt0=("lr", "cliprange_value", "grad_clip"), ge0=("warmup_steps",),
+               ge1=("ppo_micro_batch_size_per_gpu", "ppo_epochs"))
 
 
 @dataclass
 class AlgorithmConfig:
-    adv_estimator: str = f("grpo", "gae | grpo | rloo | reinforce_plus_plus | reinforce_plus_plus_baseline | remax")
+    adv_estimator: str = f("grpo", " | ".join(ADV_ESTIMATORS))
     gamma: float = f(1.0, "discount")
     lam: float = f(1.0, "GAE lambda")
     norm_adv_by_std_in_grpo: bool = f(True, "divide GRPO advantages by the group std")
@@ -146,6 +280,12 @@ class AlgorithmConfig:
     kl_coef: float = f(0.001, "initial KL coefficient")
     target_kl: float = f(0.1, "adaptive controller target KL")
     kl_horizon: int = f(10000, "adaptive controller horizon")
+    _section: ClassVar[str] = "algorithm"
+
+    def __post_init__(self):
+        _check(self, prob=("gamma", "lam"), ge0=("kl_coef",), gt0=("target_kl", "kl_horizon"),
+               choices={"adv_estimator": ADV_ESTIMATORS, "kl_penalty": KL_TYPES,
+                        "kl_ctrl_type": ("fixed", "adaptive")})
 
 
 @dataclass
@@ -154,6 +294,11 @@ class RewardConfig:
     custom_name: str = f("compute_score", "function name in custom_path")
     format_score: float = f(0.0, "score for a well-formed but wrong answer")
     gsm8k_method: str = f("strict", "GSM8K extraction: strict (#### number) | flexible (last number)")
+    _section: ClassVar[str] = "reward"
+
+    def __post_init__(self):
+        self.custom_path = _expand(self.custom_path)
+        _check(self, choices={"gsm8k_method": ("strict", "flexible")})
 
 
 @dataclass
@@ -176,6 +321,32 @@ class TrainerConfig:
     critic_warmup: int = f(0, "train only the critic for this many steps")
     seed: int = f(0, "global seed")
     max_actor_ckpt_to_keep: int = f(2, "checkpoints kept (older ones deleted)")
+    _section: ClassVar[str] = "trainer"
+
+    def __post_init__(self):
+        self.logger = self._loggers(_as_list(self.logger))
+        for name in ("project_name", "experiment_name"):   # resolved here too for Config() built in Python
+            self.default_local_dir = self.default_local_dir.replace("${trainer.%s}" % name, str(getattr(self, name)))
+        self.default_local_dir, self.resume_from_path = _expand(self.default_local_dir), _expand(self.resume_from_path)
+        _check(self, ge1=("total_epochs", "n_gpus_per_node", "nnodes", "max_actor_ckpt_to_keep"), ge0=("critic_warmup",),
+               opt=("total_training_steps", "save_freq", "test_freq"),
+               choices={"device": ("auto", "cpu", "cuda"), "resume_mode": ("auto", "disable", "resume_path")})
+        if self.resume_mode == "resume_path" and not self.resume_from_path:
+            raise _bad("trainer.resume_from_path", "", "set it to a checkpoint folder when trainer.resume_mode=resume_path")
+        if self.nnodes > 1:
+            warn(f"accepted but not implemented yet: trainer.nnodes={self.nnodes} (hybridrl runs on one node for now)")
+        if self.default_hdfs_dir:
+            warn(f"accepted but not implemented yet: trainer.default_hdfs_dir={self.default_hdfs_dir!r} "
+                 "(checkpoints stay in trainer.default_local_dir)")
+
+    @staticmethod
+    def _loggers(names: list) -> list:
+        for name in names:
+            if name in VERL_ONLY_LOGGERS:
+                warn(f"accepted but not implemented yet: trainer.logger entry {name!r} (dropped)")
+            elif name not in LOGGERS:
+                raise _bad("trainer.logger", names, "entries must be among " + " | ".join(LOGGERS))
+        return [n for n in names if n in LOGGERS]
 
 
 @dataclass
@@ -189,3 +360,159 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata={"help": "advantages and KL"})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "rewards"})
     trainer: TrainerConfig = field(default_factory=TrainerConfig, metadata={"help": "loop, logging, checkpoints"})
+
+    def __post_init__(self):
+        for dk, rk in LENGTH_PAIRS:
+            self._sync_length(dk, rk)
+        if self.data.train_batch_size % self.actor.ppo_mini_batch_size:
+            raise HybridRLError(
+                f"data.train_batch_size={self.data.train_batch_size} must be a multiple of "
+                f"actor.ppo_mini_batch_size={self.actor.ppo_mini_batch_size} (both count prompts; each prompt "
+                f"brings rollout.n={self.rollout.n} samples): change one of them")
+        if self.algorithm.adv_estimator in ("grpo", "rloo") and self.rollout.n < 2:
+            warn(f"algorithm.adv_estimator={self.algorithm.adv_estimator} with rollout.n=1: every advantage "
+                 "is 0 (a group of one); set rollout.n >= 2")
+
+    def _sync_length(self, data_key: str, rollout_key: str) -> None:
+        """Make data.<data_key> and rollout.<rollout_key> agree; whichever differs from its default wins."""
+        d, r = getattr(self.data, data_key), getattr(self.rollout, rollout_key)
+        if d == r:
+            return
+        if r == getattr(RolloutConfig(), rollout_key):
+            setattr(self.rollout, rollout_key, d)
+        elif d == getattr(DataConfig(), data_key):
+            setattr(self.data, data_key, r)
+        else:
+            raise HybridRLError(f"data.{data_key}={d} and rollout.{rollout_key}={r} disagree: they are one "
+                                f"setting, set only data.{data_key}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(overrides: list[str] | tuple = (), config_file: str | None = None) -> Config:
+    """Defaults <- YAML file (our or verl's layout) <- `key=value` overrides, validated."""
+    return resolve_config(overrides, config_file)[0]
+
+
+def resolve_config(overrides=(), config_file: str | None = None) -> tuple[Config, list[tuple[str, str]]]:
+    """`load_config`, also returning (verl_key, our_key) for every verl spelling that was mapped."""
+    items = config_verl.flatten(config_verl.read_yaml(config_file)) if config_file else []
+    items += [config_verl.parse_override(arg) for arg in overrides]
+    conf, mapped, given = _omegaconf().structured(Config), [], set()
+    # structured() ran TrainerConfig.__post_init__, which resolved the run folder: restore the interpolation
+    conf.trainer.default_local_dir = next(f.default for f in fields(TrainerConfig) if f.name == "default_local_dir")
+    for key, value in items:
+        ours, how = config_verl.map_key(key)
+        if how == "accepted":
+            msg = None if value is None else config_verl.accepted_warning(key, value)
+            if msg:
+                warn(msg)
+            continue
+        typ = _lookup(ours)
+        if typ is None:
+            raise HybridRLError(config_verl.unknown_key_message(key, all_keys()))
+        if how == "verl":
+            mapped.append((key, ours))
+        _assign(conf, key, ours, config_verl.map_interpolations(value), typ)
+        given.add(ours)
+    tree = _resolve(conf)
+    _mirror_lengths(tree, given)
+    return from_dict(tree), mapped
+
+
+def _mirror_lengths(tree: dict, given: set) -> None:
+    """Copy the length the user set onto its twin (data.max_prompt_length <-> rollout.prompt_length)."""
+    for dk, rk in LENGTH_PAIRS:
+        d_set, r_set = f"data.{dk}" in given, f"rollout.{rk}" in given
+        if d_set and not r_set:
+            tree["rollout"][rk] = tree["data"][dk]
+        elif r_set and not d_set:
+            tree["data"][dk] = tree["rollout"][rk]
+
+
+def from_dict(tree: dict, cls=Config):
+    """Build the dataclasses from a nested dict (running every section's validation)."""
+    hints, kwargs = get_type_hints(cls), {}
+    for name, value in tree.items():
+        if name not in hints or name.startswith("_"):
+            raise HybridRLError(f"unknown config key '{name}' in section {cls.__name__}")
+        sub = hints[name]
+        kwargs[name] = from_dict(value, sub) if is_dataclass(sub) and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg, comments: bool = False) -> str:
+    """The config as YAML; with `comments`, each field's help string follows it."""
+    import yaml
+    if not comments:
+        return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+    return "\n".join(_commented(cfg, 0)) + "\n"
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key of our layout."""
+    out = []
+    for fld in fields(cls):
+        sub = get_type_hints(cls)[fld.name]
+        out += all_keys(sub, f"{prefix}{fld.name}.") if is_dataclass(sub) else [prefix + fld.name]
+    return out
+
+
+def _commented(obj, indent: int):
+    import yaml
+    pad = " " * indent
+    for fld in fields(obj):
+        value, help = getattr(obj, fld.name), fld.metadata.get("help", "")
+        if is_dataclass(value):
+            yield f"{pad}{fld.name}:  # {help}"
+            yield from _commented(value, indent + 2)
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+            yield f"{pad}{fld.name}: {text.removesuffix('...').strip()}  # {help}"
+
+
+def _omegaconf():
+    from omegaconf import OmegaConf
+    return OmegaConf
+
+
+def _lookup(key: str):
+    """The type of our dotted `key`, `dict` anywhere inside a dict field, None if there is no such key."""
+    cls = Config
+    for i, part in enumerate(key.split(".")):
+        typ = get_type_hints(cls).get(part) if is_dataclass(cls) and not part.startswith("_") else None
+        if typ is None or typ is dict or i == key.count("."):
+            return typ
+        cls = typ
+    return None
+
+
+def _assign(conf, given_key: str, key: str, value: Any, typ) -> None:
+    """Set one key on the omegaconf tree, which checks the value's type."""
+    from omegaconf.errors import OmegaConfBaseException
+    if value is None and typ is not dict:   # verl's `key=null`: the default
+        value = Config()
+        for part in key.split("."):
+            value = getattr(value, part)
+    if typ is list:
+        value = _as_list(value)
+    try:
+        _omegaconf().update(conf, key, value, merge=True)
+    except OmegaConfBaseException:
+        name = getattr(typ, "__name__", str(typ))
+        shown = f"{given_key} (= {key})" if given_key != key else key
+        raise HybridRLError(f"config {shown}={value!r} has the wrong type: expected {name}, "
+                            f"got {type(value).__name__}") from None
+
+
+def _resolve(conf) -> dict:
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        return _omegaconf().to_container(conf, resolve=True)
+    except OmegaConfBaseException as e:
+        raise HybridRLError(f"config interpolation failed: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,16 @@
+"""verl's `python -m verl.trainer.main_ppo <overrides>`, here: `python -m hybridrl.main_ppo <overrides>`.
+
+Same as `hybridrl train <overrides>`; verl's keys (actor_rollout_ref.rollout.n=8, ...) are mapped onto ours.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hybridrl.cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
