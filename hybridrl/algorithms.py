@@ -338,7 +338,7 @@ def _gspo_pg(logp, old_logp, adv, mask, clip_low, clip_high):
 
 def policy_loss(
     logp, old_logp, adv, mask, clip_low: float = 0.2, clip_high: float = 0.2, clip_c: float = 3.0,
-    agg_mode: str = "token-mean", kind: str = "vanilla", tis_weights=None,
+    agg_mode: str = "token-mean", kind: str = "vanilla", tis_weights=None, norm_len: int | None = None,
 ):
     """Clipped policy-gradient loss -> (scalar loss, {pg_clipfrac, pg_clipfrac_lower, ppo_kl}).
 
@@ -348,6 +348,8 @@ def policy_loss(
     gspo:    sequence-level ratio; always aggregated seq-mean-token-mean, as the
              paper and verl do (agg_mode is ignored for it).
     tis_weights [B, L] (see `tis_weights`) multiplies the per-token loss, detached.
+    norm_len: divisor of seq-mean-token-sum-norm; pass the configured max response length
+    when micro-batches are trimmed to their own L, so the loss scale stays constant.
     """
     if kind == "vanilla":
         loss_mat, clipfrac, clipfrac_lower, ppo_kl = _vanilla_pg(logp, old_logp, adv, mask, clip_low, clip_high, clip_c)
@@ -360,15 +362,16 @@ def policy_loss(
         loss_mat = loss_mat * tis_weights.detach()
     metrics = {k: float(v.detach()) for k, v in
                (("pg_clipfrac", clipfrac), ("pg_clipfrac_lower", clipfrac_lower), ("ppo_kl", ppo_kl))}
-    return agg_loss(loss_mat, mask, agg_mode), metrics
+    return agg_loss(loss_mat, mask, agg_mode, norm_len), metrics
 
 
-def value_loss(values, old_values, returns, mask, cliprange: float, agg_mode: str = "token-mean"):
+def value_loss(values, old_values, returns, mask, cliprange: float, agg_mode: str = "token-mean",
+               norm_len: int | None = None):
     """Clipped value loss -> (0.5 * agg(max((v - R)^2, (clip(v, old ± c) - R)^2)), {vf_clipfrac})."""
     clipped = torch.maximum(torch.minimum(values, old_values + cliprange), old_values - cliprange)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped - returns) ** 2
-    loss = 0.5 * agg_loss(torch.maximum(loss_unclipped, loss_clipped), mask, agg_mode)
+    loss = 0.5 * agg_loss(torch.maximum(loss_unclipped, loss_clipped), mask, agg_mode, norm_len)
     return loss, {"vf_clipfrac": float(masked_mean((loss_clipped > loss_unclipped).float(), mask).detach())}
 
 

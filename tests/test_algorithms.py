@@ -228,16 +228,16 @@ def test_apply_kl_penalty():
 def test_ppo_clip_both_sides_and_dual_clip():
     # log ratios and advantages per token; the 5th token is masked and absurd
     log_ratio = t([[0.5, -0.5, 2.0, 0.0, 9.0]])
-    adv = t([[1.0, -1.0, -1.0, 1.0, -50.0]])
+    adv = t([[1.0, -2.0, -1.0, 1.0, -50.0]])
     mask = t([[1, 1, 1, 1, 0]])
     old = torch.zeros(1, 5)
     logp = (old + log_ratio).requires_grad_()
     loss, m = A.policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, clip_c=3.0)
     # t0 adv>0, ratio e^.5 = 1.6487 -> clipped at 1 + 0.28: loss -1.28
-    # t1 adv<0, ratio e^-.5 = 0.6065 -> clipped at 1 - 0.2: loss max(0.6065, 0.8) = 0.8
+    # t1 adv=-2, ratio e^-.5 = 0.6065 -> clipped at 1 - 0.2: loss max(2 * 0.6065, 2 * 0.8) = 1.6
     # t2 adv<0, ratio e^2 = 7.389 -> PPO loss 7.389, dual clip min(7.389, 3 * 1) = 3
-    # t3 ratio 1: loss -1;  token-mean (-1.28 + 0.8 + 3 - 1) / 4 = 0.38
-    close(loss, 0.38)
+    # t3 ratio 1: loss -1;  token-mean (-1.28 + 1.6 + 3 - 1) / 4 = 0.58
+    close(loss, 0.58)
     assert m["pg_clipfrac"] == pytest.approx(0.5)  # t0 and t1
     assert m["pg_clipfrac_lower"] == pytest.approx(0.25)  # t2
     assert m["ppo_kl"] == pytest.approx(-0.5)  # mean(old - new) = -(0.5 - 0.5 + 2 + 0) / 4
@@ -252,6 +252,10 @@ def test_ppo_loss_aggregation_is_passed_through():
     mask = t([[1, 0], [1, 1]])
     loss, _ = A.policy_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), mask, agg_mode="seq-mean-token-sum")
     close(loss, -1.5)
+    # seq-mean-token-sum-norm with the configured max length 4: (-1/4 + -2/4) / 2
+    loss, _ = A.policy_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), mask,
+                            agg_mode="seq-mean-token-sum-norm", norm_len=4)
+    close(loss, -0.375)
 
 
 def test_gspo_sequence_ratio():
