@@ -1,0 +1,250 @@
+"""`rollout.name=sglang`: a real SGLang server (launched or attached) driven over HTTP.
+
+    engine = SGLangEngine.from_config(cfg, model_path)      # launches `sglang.launch_server`, or attaches
+    outs = await engine.generate(prompt_ids, SamplingParams(max_new_tokens=64, n=4))
+    await engine.sleep(); await engine.wake(["weights"])
+    await engine.update_weights(buckets, version)           # buckets: [(hf_name, tensor), ...] lists
+    await engine.flush_cache(); await engine.wake(["kv_cache"])   # colocated multi-stage wake
+    await engine.close()
+
+Token-in/token-out: /generate gets `input_ids`, returns `output_ids` and
+`meta_info.output_token_logprobs` ([logprob, token_id, text], ...). No batch barrier: every
+call is its own request; cancelling a call sends /abort_request for its id. The same client
+drives `hybridrl serve` (our native engine behind SGLang's HTTP subset), which CPU tests use.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Iterable, Sequence
+
+from hybridrl import HybridRLError, sync
+from hybridrl.rollout import sglang_compat as compat
+from hybridrl.rollout import sglang_launch as launcher
+from hybridrl.rollout import sglang_weights as weights
+from hybridrl.rollout.base import TAGS, GenerateOutput, SamplingParams
+from hybridrl.rollout.sglang_client import HTTPClient, RequestTimeout, ServerError
+
+FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def sampling_body(s: SamplingParams) -> dict:
+    """Our SamplingParams → SGLang's `sampling_params` dict."""
+    body = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p,
+            "top_k": s.top_k, "min_p": s.min_p, "n": s.n, "ignore_eos": s.ignore_eos}
+    if s.stop_token_ids:
+        body["stop_token_ids"] = list(s.stop_token_ids)
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.seed is not None:
+        body["sampling_seed"] = s.seed
+    return body
+
+
+def parse_output(item: dict, default_version: int) -> GenerateOutput:
+    """One /generate reply item → GenerateOutput (log-probs from meta_info.output_token_logprobs)."""
+    meta = item.get("meta_info", {})
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+    ids = list(item.get("output_ids", []))
+    lps = [float(x[0]) if x[0] is not None else 0.0 for x in meta.get("output_token_logprobs") or []]
+    return GenerateOutput(output_ids=ids, logprobs=lps, finish_reason=FINISH.get(kind, "abort"),
+                          prompt_tokens=int(meta.get("prompt_tokens", 0)),
+                          completion_tokens=int(meta.get("completion_tokens", len(ids))),
+                          weight_version=version_int(meta.get("weight_version"), default_version))
+
+
+def version_int(value, default: int) -> int:
+    """SGLang keeps weight_version as a string ('default' before any update)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+class SGLangEngine:
+    """The RolloutEngine protocol over SGLang's HTTP API. Build it with `from_config`."""
+
+    def __init__(self, url: str, info: dict, *, process: launcher.ServerProcess | None = None,
+                 model_path: str = "", weight_sync: str = "tensor", tp_size: int = 1,
+                 request_timeout: float = 600.0, update_timeout: float = 600.0, run_dir: str = "",
+                 retries: int = 3, backoff: float = 0.5):
+        self.url, self.process, self.model_path = url, process, model_path
+        self.api_version, self.native = compat.check_version(info)
+        self.server_version = str(info.get("version"))
+        self.weight_sync, self.tp_size, self.run_dir = weight_sync, tp_size, run_dir
+        self.update_timeout = update_timeout
+        self.weight_version = version_int(info.get("weight_version"), 0)
+        self.client = HTTPClient(url, timeout=request_timeout, retries=retries, backoff=backoff)
+        self._nccl = None            # (group_name, trainer-side process group) after init_nccl
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str | None = None, *, launch_cmd: list[str] | None = None,
+                    run_dir: str | None = None) -> "SGLangEngine":
+        """Attach to rollout.server_url, or launch a server for model_path (default cfg.model.path)."""
+        r = cfg.rollout
+        model_path = model_path or cfg.model.path
+        run_dir = run_dir if run_dir is not None else _run_dir(cfg)
+        process, url = None, r.server_url.rstrip("/")
+        if not url:
+            if not model_path:
+                raise HybridRLError("rollout.name=sglang needs a model: set model.path (or rollout.server_url)")
+            process, url = launcher.launch(cfg, model_path, run_dir, launch_cmd)
+        try:
+            info = launcher.get_info(url, compat.SERVER_INFO_PATHS)
+            info["weight_version"] = launcher.get_info(url, compat.MODEL_INFO_PATHS).get("weight_version")
+            return cls(url, info, process=process, model_path=model_path, weight_sync=r.weight_sync,
+                       tp_size=r.tensor_model_parallel_size, request_timeout=r.request_timeout,
+                       update_timeout=max(r.request_timeout, 60.0), run_dir=run_dir)
+        except BaseException:
+            if process is not None:
+                process.stop()
+            raise
+
+    # ---- generation -------------------------------------------------------------------------
+    async def generate(self, input_ids: list[int], sampling: SamplingParams,
+                       request_id: str | None = None) -> list[GenerateOutput]:
+        sampling.validate()
+        rid = request_id or uuid.uuid4().hex
+        body = {"input_ids": list(input_ids), "sampling_params": sampling_body(sampling),
+                "return_logprob": True, "rid": rid}
+        try:
+            reply = await self._call("POST", "/generate", body, request_id=rid)
+        except asyncio.CancelledError:
+            await self._abort_quietly(rid)
+            raise
+        except RequestTimeout:
+            await self._abort_quietly(rid)
+            raise
+        items = reply if isinstance(reply, list) else [reply]
+        return [parse_output(item, self.weight_version) for item in items]
+
+    async def abort(self, request_id: str | None = None) -> None:
+        body = {"rid": "", "abort_all": True} if request_id is None else {"rid": request_id, "abort_all": False}
+        await self._call("POST", "/abort_request", body, timeout=30)
+
+    async def _abort_quietly(self, rid: str) -> None:
+        try:
+            await asyncio.shield(asyncio.wait_for(self.abort(rid), 10))
+        except (Exception, asyncio.CancelledError):
+            pass        # best effort: the server may be gone, and we are already unwinding
+
+    # ---- memory -----------------------------------------------------------------------------
+    async def sleep(self, tags: Sequence[str] = TAGS) -> None:
+        await self._call("POST", "/release_memory_occupation", self._tags_body(tags), timeout=self.update_timeout)
+
+    async def wake(self, tags: Sequence[str] = TAGS) -> None:
+        await self._call("POST", "/resume_memory_occupation", self._tags_body(tags), timeout=self.update_timeout)
+
+    def _tags_body(self, tags: Sequence[str]) -> dict:
+        bad = [t for t in tags if t not in TAGS]
+        if bad:
+            raise HybridRLError(f"unknown memory tags {bad}: use {list(TAGS)}")
+        return {"tags": list(tags)} if compat.supports_memory_tags(self.api_version) else {}
+
+    async def flush_cache(self, attempts: int = 20) -> None:
+        """Drop the prefix cache; SGLang refuses (400) while requests run, so retry a bounded number of times."""
+        for i in range(attempts):
+            try:
+                await self._call("POST", "/flush_cache", None, timeout=60)
+                return
+            except ServerError as e:
+                if e.status != 400 or i + 1 == attempts:
+                    raise HybridRLError(f"flush_cache failed on {self.url}: {e.reason}") from None
+                await asyncio.sleep(0.25)
+
+    # ---- weights ----------------------------------------------------------------------------
+    async def update_weights(self, buckets: Iterable[Sequence[tuple[str, object]]], version: int) -> None:
+        """Push every bucket with `version`, flush the cache, then check the server reports `version`."""
+        if self.weight_sync == "tensor":
+            for bucket in buckets:
+                body, keep = weights.tensor_body(bucket, version, native=self.native,
+                                                 api_version=self.api_version, tp_size=self.tp_size)
+                await self._push("/update_weights_from_tensor", body, sync.bucket_label(bucket))
+                del keep                            # CUDA IPC sources may go only after the server replied
+        elif self.weight_sync == "disk":
+            out_dir = weights.disk_dir(self.run_dir)
+            body, names = weights.disk_body(buckets, version, out_dir, self.model_path)
+            await self._push("/update_weights_from_disk", body, f"{len(names)} tensors saved in {out_dir}")
+        elif self.weight_sync == "nccl":
+            await self._update_nccl(buckets, version)
+        else:
+            raise HybridRLError(f"unknown rollout.weight_sync={self.weight_sync!r}: use tensor | disk | nccl")
+        await self.flush_cache()
+        await self._check_version(version)
+        self.weight_version = version
+
+    async def _push(self, path: str, body: dict, label: str) -> None:
+        try:
+            reply = await self._call("POST", path, body, timeout=self.update_timeout, retries=0)
+        except ServerError as e:
+            raise HybridRLError(f"the server refused weights [{label}] at {path}: {e.reason}") from None
+        except HybridRLError as e:
+            raise HybridRLError(f"weight push [{label}] to {path} failed: {e}") from None
+        if isinstance(reply, dict) and reply.get("success") is False:
+            raise HybridRLError(f"the server refused weights [{label}] at {path}: {reply.get('message')}")
+
+    async def _check_version(self, version: int) -> None:
+        info = await self.model_info()
+        got = info.get("weight_version")
+        if str(got) != str(version):
+            raise HybridRLError(f"after the weight push the server reports weight_version={got!r}, expected "
+                                f"{version}: the update did not take effect on {self.url}")
+
+    async def init_nccl(self, master_address: str, master_port: int, group_name: str = "hybridrl_weights") -> None:
+        """Disaggregated sync: join the server's TP ranks and this trainer (rank 0) in one NCCL group.
+
+        Untested here (needs 2 GPUs). Uses SGLang's init_custom_process_group on the trainer side.
+        """
+        from sglang.srt.utils.common import init_custom_process_group
+        body = weights.nccl_init_body(master_address, master_port, self.tp_size, group_name)
+        server = asyncio.ensure_future(self._push("/init_weights_update_group", body, "init group"))
+        group = await asyncio.to_thread(
+            init_custom_process_group, backend="nccl", init_method=f"tcp://{master_address}:{master_port}",
+            world_size=self.tp_size + 1, rank=0, group_name=group_name)
+        await server
+        self._nccl = (group_name, group)
+
+    async def _update_nccl(self, buckets, version: int) -> None:
+        if self._nccl is None:
+            raise HybridRLError("rollout.weight_sync=nccl needs `await engine.init_nccl(addr, port)` first")
+        name, group = self._nccl
+        for bucket in buckets:
+            push = asyncio.ensure_future(self._push("/update_weights_from_distributed",
+                                                    weights.nccl_bucket_body(bucket, version, name),
+                                                    sync.bucket_label(bucket)))
+            await asyncio.to_thread(weights.nccl_broadcast, bucket, group)
+            await push
+
+    # ---- info / lifecycle -------------------------------------------------------------------
+    async def model_info(self) -> dict:
+        for path in compat.MODEL_INFO_PATHS:
+            try:
+                return await self._call("GET", path, None, timeout=30)
+            except ServerError as e:
+                if e.status != 404:
+                    raise
+        raise HybridRLError(f"{self.url} answers neither of {compat.MODEL_INFO_PATHS}")
+
+    async def close(self) -> None:
+        await self.client.close()
+        if self.process is not None:
+            await asyncio.to_thread(self.process.stop)
+            self.process = None
+
+    async def _call(self, method: str, path: str, body, **kw):
+        """One client call; when our launched server has died, say so with its log's last lines."""
+        try:
+            return await self.client.request(method, path, body, **kw)
+        except HybridRLError as e:
+            if self.process is not None and not self.process.alive:
+                raise HybridRLError(f"{e}\nthe rollout server exited with code {self.process.proc.returncode}; "
+                                    f"last lines of {self.process.log_path}:\n{self.process.log_tail()}") from None
+            raise
+
+
+def _run_dir(cfg) -> str:
+    """The run folder for logs; a temp folder when the config still holds unresolved ${...}."""
+    import tempfile
+    d = cfg.trainer.default_local_dir
+    return tempfile.mkdtemp(prefix="hybridrl-sglang-") if "${" in d else d
