@@ -100,7 +100,8 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     mini = cfg.actor.ppo_mini_batch_size * cfg.rollout.n
     with ctx.timer("update"):
         if ctx.critic is not None:
-            metrics.update(ctx.critic.update(batch, values, returns, mini, cfg.actor.loss_agg_mode))
+            metrics.update(ctx.critic.update(batch, values, returns, mini, cfg.actor.loss_agg_mode,
+                                             cfg.rollout.response_length))
         if step > cfg.trainer.critic_warmup:
             metrics.update({f"actor/{k}": v for k, v in
                             ctx.actor.update(batch, old_logp, adv, ref_logp, T, mini).items()})

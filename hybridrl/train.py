@@ -69,7 +69,7 @@ async def train_async(cfg: Config) -> dict:
     seed_everything(cfg.trainer.seed)
     model_path, tokenizer, train_prompts, val_prompts = load_inputs(cfg)
     device = pick_device(cfg.trainer.device)
-    actor = Policy(model_path, cfg.model, cfg.actor, device)
+    actor = Policy(model_path, cfg.model, cfg.actor, device, norm_len=cfg.rollout.response_length)
     needs_ref = cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
     ref = Policy(model_path, cfg.model, cfg.actor, device, trainable=False) if needs_ref else None
     critic = (Critic(cfg.critic.model_path or model_path, cfg.model, cfg.critic, device)

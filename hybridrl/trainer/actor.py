@@ -18,12 +18,13 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from hybridrl import HybridRLError, algorithms as A
 from hybridrl.config import ActorConfig, CriticConfig, ModelConfig
 from hybridrl.trainer.batch import TrainBatch
 
-LOGIT_CHUNK = 1024  # tokens per lm_head chunk
+LOGIT_CHUNK = 512  # tokens per lm_head chunk
 
 
 def pick_device(name: str) -> torch.device:
@@ -68,18 +69,23 @@ def response_hidden(backbone: nn.Module, mb: TrainBatch) -> torch.Tensor:
 
 def chunked_logp_entropy(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
                          temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(label) and entropy from logits / temperature, chunked over tokens. # hidden [b, l, H]"""
+    """log p(label) and entropy from logits / temperature, chunked over tokens. # hidden [b, l, H]
+
+    Under autograd each chunk is recomputed in backward (activation checkpointing), so the
+    [tokens, V] logits exist for one chunk at a time, not for the whole micro-batch.
+    """
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    logps, ents = [], []
+
+    def chunk(h_c, y_c):
+        logp_all = torch.log_softmax(lm_head(h_c).float() / max(temperature, 1e-6), -1)
+        ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else torch.zeros_like(y_c, dtype=torch.float)
+        return logp_all.gather(-1, y_c[:, None]).squeeze(-1), ent
+
+    outs = []
     for i in range(0, h.shape[0], LOGIT_CHUNK):
-        logits = lm_head(h[i:i + LOGIT_CHUNK]).float() / max(temperature, 1e-6)
-        logp_all = torch.log_softmax(logits, -1)
-        logps.append(logp_all.gather(-1, y[i:i + LOGIT_CHUNK, None]).squeeze(-1))
-        if with_entropy:
-            ents.append(-(logp_all.exp() * logp_all).sum(-1))
-    logp = torch.cat(logps).view_as(labels)
-    ent = torch.cat(ents).view_as(labels) if with_entropy else torch.zeros_like(logp)
-    return logp, ent
+        args = (h[i:i + LOGIT_CHUNK], y[i:i + LOGIT_CHUNK])
+        outs.append(checkpoint(chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk(*args))
+    return (torch.cat([o[0] for o in outs]).view_as(labels), torch.cat([o[1] for o in outs]).view_as(labels))
 
 
 def make_optimizer(params, lr: float, weight_decay: float, betas, warmup_steps: int):
@@ -92,8 +98,9 @@ class Policy:
     """The actor (trainable) or the reference (frozen, `trainable=False`)."""
 
     def __init__(self, path: str, model_cfg: ModelConfig, cfg: ActorConfig, device: torch.device,
-                 trainable: bool = True):
+                 trainable: bool = True, norm_len: int | None = None):
         self.cfg, self.model_cfg, self.device = cfg, model_cfg, device
+        self.norm_len = norm_len  # max response length, for seq-mean-token-sum-norm
         self.model = load_causal_lm(path, model_cfg, device)
         self.model.train(trainable)
         self.model.requires_grad_(trainable)
@@ -152,12 +159,13 @@ class Policy:
             sl = (rows, slice(0, L))
             pg_loss, m = A.policy_loss(logp, old_logp[sl], adv[sl], mb.response_mask, clip_low=low,
                                        clip_high=high, clip_c=c.clip_ratio_c, agg_mode=c.loss_agg_mode,
-                                       kind=c.policy_loss, tis_weights=None if tis is None else tis[sl])
-            entropy = A.agg_loss(ent, mb.response_mask, c.loss_agg_mode)
+                                       kind=c.policy_loss, tis_weights=None if tis is None else tis[sl],
+                                       norm_len=self.norm_len)
+            entropy = A.agg_loss(ent, mb.response_mask, c.loss_agg_mode, self.norm_len)
             loss = pg_loss - c.entropy_coeff * entropy
             if ref_logp is not None and c.use_kl_loss:
                 kl = A.agg_loss(A.kl_penalty(logp, ref_logp[sl], c.kl_loss_type), mb.response_mask,
-                                c.loss_agg_mode)
+                                c.loss_agg_mode, self.norm_len)
                 loss = loss + c.kl_loss_coef * kl
                 m["kl_loss"] = float(kl)
             finite &= bool(torch.isfinite(loss))
@@ -232,7 +240,7 @@ class Critic:
         return out.cpu() * batch.response_mask.cpu()
 
     def update(self, batch: TrainBatch, old_values: torch.Tensor, returns: torch.Tensor,
-               mini_batch_size: int, agg_mode: str) -> dict:
+               mini_batch_size: int, agg_mode: str, norm_len: int | None = None) -> dict:
         batch = to_device(batch, self.device)
         old_values, returns = old_values.to(self.device), returns.to(self.device)
         stats: dict[str, list[float]] = {}
@@ -244,7 +252,7 @@ class Critic:
                 for rows, mb in micro_batches(mini, self.cfg.ppo_micro_batch_size_per_gpu):
                     sl = (idx[rows], slice(0, mb.response_mask.shape[1]))
                     loss, m = A.value_loss(self._values(mb), old_values[sl], returns[sl], mb.response_mask,
-                                           self.cfg.cliprange_value, agg_mode)
+                                           self.cfg.cliprange_value, agg_mode, norm_len)
                     (loss * (mb.size / mini.size)).backward()
                     stats.setdefault("vf_loss", []).append(float(loss))
                     for k, v in m.items():
