@@ -155,6 +155,7 @@ class RolloutConfig:
     prompt_length: int = f(256, "max prompt tokens (mirrors data.max_prompt_length; set either one)")
     response_length: int = f(128, "max new tokens (mirrors data.max_response_length; set either one)")
     stop: list = f([], "stop strings")
+    ignore_eos: bool = f(False, "keep generating past EOS up to response_length (benchmarks with fixed lengths)")
     seed: int = f(0, "sampling seed")
     dtype: str = f("auto", "engine dtype: auto | float32 | bfloat16 | float16")
     gpu_memory_utilization: float = f(0.5, "fraction of device memory for weights + KV cache (sglang mem_fraction_static)")
@@ -395,9 +396,13 @@ def load_config(overrides: list[str] | tuple = (), config_file: str | None = Non
     return resolve_config(overrides, config_file)[0]
 
 
-def resolve_config(overrides=(), config_file: str | None = None) -> tuple[Config, list[tuple[str, str]]]:
-    """`load_config`, also returning (verl_key, our_key) for every verl spelling that was mapped."""
-    items = config_verl.flatten(config_verl.read_yaml(config_file)) if config_file else []
+def resolve_config(overrides=(), config_file: str | None = None,
+                   base: list[str] | tuple = ()) -> tuple[Config, list[tuple[str, str]]]:
+    """`load_config`, also returning (verl_key, our_key) for every verl spelling that was mapped.
+
+    `base`: overrides applied before the file (e.g. `config_verl.VERL_DEFAULTS`)."""
+    items = [config_verl.parse_override(arg) for arg in base]
+    items += config_verl.flatten(config_verl.read_yaml(config_file)) if config_file else []
     items += [config_verl.parse_override(arg) for arg in overrides]
     conf, mapped, given = _omegaconf().structured(Config), [], set()
     # structured() ran TrainerConfig.__post_init__, which resolved the run folder: restore the interpolation

@@ -47,7 +47,8 @@ class RLContext:
 def train_sampling(cfg: Config) -> SamplingParams:
     r = cfg.rollout
     return SamplingParams(max_new_tokens=r.response_length, temperature=r.temperature, top_k=r.top_k,
-                          top_p=r.top_p, min_p=r.min_p, n=r.n, stop=list(r.stop), seed=r.seed)
+                          top_p=r.top_p, min_p=r.min_p, n=r.n, stop=list(r.stop), seed=r.seed,
+                          ignore_eos=r.ignore_eos)
 
 
 async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
