@@ -24,10 +24,12 @@ OVERRIDES_HELP = "dotted overrides, our keys or verl's (rollout.n=8, actor_rollo
 
 def _load(args):
     """The validated config from --config and the overrides; warnings print as `warning: ...`."""
+    from hybridrl import config_verl
     from hybridrl.config import resolve_config
+    base = config_verl.VERL_DEFAULTS if getattr(args, "verl_defaults", False) else ()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cfg, mapped = resolve_config(args.overrides, args.config)
+        cfg, mapped = resolve_config(args.overrides, args.config, base=base)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return cfg, mapped
@@ -59,14 +61,17 @@ def cmd_config_show(args) -> None:
 def cmd_prepare_data(args) -> None:
     from hybridrl import data
     if args.dataset == "gsm8k":
-        data.prepare_gsm8k(args.out)
+        written = data.prepare_gsm8k(args.out)
     else:
-        data.prepare_reasoning_gym(args.task, args.size, args.out, seed=args.seed, val_size=args.val_size)
+        extra = {} if args.val_size is None else {"val_size": args.val_size}
+        written = data.prepare_reasoning_gym(args.task, args.size, args.out, seed=args.seed, **extra)
+    for path in (written.values() if isinstance(written, dict) else [written]):
+        print(f"wrote {path}")
 
 
 def cmd_prepare_model(args) -> None:
     from hybridrl import models
-    models.prepare_smollm2(args.out)
+    print(f"wrote {models.prepare_smollm2(args.out)}")
 
 
 def _get(cfg, key: str):
@@ -91,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         _add_config_args(p)
         p.set_defaults(fn=fn)
+        if name == "train":
+            p.add_argument("--verl-defaults", action="store_true",
+                           help="start from verl's algorithm defaults (adv_estimator=gae, rollout.n=1), as main_ppo does")
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=30000)
@@ -104,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--size", required=True, type=int, help="training prompts to generate")
     rg.add_argument("--out", required=True, metavar="DIR")
     rg.add_argument("--seed", type=int, default=0)
-    rg.add_argument("--val-size", type=int, default=None, help="validation prompts (default: the data module's)")
+    rg.add_argument("--val-size", type=int, default=None, help="validation prompts (default: none)")
     data.set_defaults(fn=cmd_prepare_data)
 
     model = sub.add_parser("prepare-model", help="build a Hugging Face model folder from offline assets")

@@ -58,6 +58,10 @@ VERL_PREFIXES: list[tuple[str, str]] = [
     ("actor_rollout_ref.model.", "model."),
 ]
 
+# verl's defaults where they differ from ours and change the algorithm: `python -m hybridrl.main_ppo` starts
+# from these (then the YAML file, then the overrides), so a verl command that leaves them out means what it did there.
+VERL_DEFAULTS = ("algorithm.adv_estimator=gae", "rollout.n=1")
+
 ANY = None  # every value behaves as in verl: accepted silently
 # verl key -> values that need no warning (we already behave that way), or ANY
 ACCEPTED: dict[str, tuple | None] = {

@@ -55,25 +55,55 @@ def test_argparse_errors():
         cli.main(["config", "show", "--bogus"])
 
 
-def test_handlers_get_the_config(monkeypatch):
-    """train / generate / serve / prepare-* call their module's function with the right arguments."""
+@pytest.fixture
+def calls(monkeypatch):
+    """Fake handler modules: record what the CLI passes to train / generate / serve / prepare-*."""
     import importlib
     import types
     calls = {}
     fake = {"hybridrl.train": {"train": lambda cfg: calls.update(train=cfg)},
             "hybridrl.generate": {"generate": lambda cfg: calls.update(generate=cfg)},
             "hybridrl.rollout.native.server": {"serve": lambda cfg, host, port: calls.update(serve=(cfg, host, port))},
-            "hybridrl.data": {"prepare_gsm8k": lambda out: calls.update(gsm8k=out),
-                              "prepare_reasoning_gym": lambda *a, **k: calls.update(rg=(a, k))},
-            "hybridrl.models": {"prepare_smollm2": lambda out: calls.update(smollm2=out)}}
+            "hybridrl.data": {"prepare_gsm8k": lambda out: calls.update(gsm8k=out) or f"{out}/test.parquet",
+                              "prepare_reasoning_gym": lambda *a, **k: calls.update(rg=(a, k)) or {"train": "t.parquet"}},
+            "hybridrl.models": {"prepare_smollm2": lambda out: calls.update(smollm2=out) or out}}
     for name, attrs in fake.items():
         module = types.ModuleType(name)
         module.__dict__.update(attrs)
         monkeypatch.setitem(sys.modules, name, module)
         parent, _, child = name.rpartition(".")
         monkeypatch.setattr(importlib.import_module(parent), child, module, raising=False)
+    return calls
+
+
+# verl's quick-start PPO command (docs/start/quickstart.rst), arguments unchanged
+VERL_QUICKSTART = """data.train_files=~/data/gsm8k/train.parquet data.val_files=~/data/gsm8k/test.parquet
+data.train_batch_size=256 data.max_prompt_length=512 data.max_response_length=256
+actor_rollout_ref.model.path=Qwen/Qwen2.5-0.5B-Instruct actor_rollout_ref.actor.optim.lr=1e-6
+actor_rollout_ref.actor.ppo_mini_batch_size=64 actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4
+actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8 actor_rollout_ref.rollout.tensor_model_parallel_size=1
+actor_rollout_ref.rollout.gpu_memory_utilization=0.4 actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4
+critic.optim.lr=1e-5 critic.model.path=Qwen/Qwen2.5-0.5B-Instruct critic.ppo_micro_batch_size_per_gpu=4
+algorithm.kl_ctrl.kl_coef=0.001 trainer.logger=console trainer.val_before_train=False trainer.n_gpus_per_node=1
+trainer.nnodes=1 trainer.save_freq=10 trainer.test_freq=10 trainer.total_epochs=15""".split()
+
+
+def test_verl_quickstart_runs_through_main_ppo(calls):
+    from hybridrl import main_ppo
+    assert main_ppo.main(VERL_QUICKSTART) == 0
+    cfg = calls["train"]
+    assert cfg.algorithm.adv_estimator == "gae" and cfg.rollout.n == 1      # verl's defaults, not ours
+    assert cfg.critic.model_path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.critic.lr == 1e-5
+    assert cfg.rollout.response_length == 256 and cfg.trainer.logger == ["console"]
+    assert main_ppo.main(["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=8"]) == 0
+    assert (calls["train"].algorithm.adv_estimator, calls["train"].rollout.n) == ("grpo", 8)
+
+
+def test_handlers_get_the_config(calls, capsys):
+    """train / generate / serve / prepare-* call their module's function with the right arguments."""
     assert cli.main(["train", "actor_rollout_ref.rollout.n=2"]) == 0 and calls["train"].rollout.n == 2
     from hybridrl import main_generation, main_ppo
+    assert calls["train"].algorithm.adv_estimator == "grpo"                 # `hybridrl train`: our defaults
     assert main_ppo.main(["actor_rollout_ref.actor.optim.lr=4e-6"]) == 0 and calls["train"].actor.lr == 4e-6
     assert main_generation.main(["data.n_samples=3", "rollout.temperature=0"]) == 0
     assert calls["generate"].data.n_samples == 3 and calls["generate"].rollout.temperature == 0
@@ -83,6 +113,7 @@ def test_handlers_get_the_config(monkeypatch):
                      "--seed", "3", "--val-size", "2"]) == 0
     assert calls["rg"] == (("countdown", 5, "r"), {"seed": 3, "val_size": 2})
     assert cli.main(["prepare-model", "smollm2", "--out", "m"]) == 0 and calls["smollm2"] == "m"
+    assert "wrote d/test.parquet\nwrote t.parquet\nwrote m\n" in capsys.readouterr().out
 
     def boom(cfg):
         raise HybridRLError("model path /nope has no config.json")
