@@ -1,0 +1,297 @@
+"""NativeEngine: the pure-PyTorch rollout engine (CPU and GPU) behind the RolloutEngine protocol.
+
+    engine = NativeEngine("path/to/hf_model")            # or NativeEngine.from_config(cfg)
+    outs = await engine.generate(prompt_ids, SamplingParams(max_new_tokens=64, n=4, temperature=1.0))
+    await engine.update_weights([[("model.norm.weight", t)]], version=1)
+
+One background task per event loop runs the scheduler one step at a time in a single worker
+thread (`run_in_executor`), so the loop stays free for HTTP handlers (/health, /abort_request)
+while the model works. Everything that touches the model or the KV pool (steps, weight updates,
+sleep / wake) runs in that one thread, one after another; requests and aborts are handed to the
+scheduler between steps. Pieces: scheduler.py (continuous batching), runner.py (model + KV pool +
+CUDA graphs), sampler.py, kv_cache.py, loader.py, model.py, attention.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Sequence as Seq
+
+import torch
+
+from hybridrl import HybridRLError
+from hybridrl.rollout.base import TAGS, GenerateOutput, SamplingParams
+from hybridrl.rollout.native.kv_cache import BlockManager, BlockTable, bytes_per_token, check_pool, pool_tokens
+from hybridrl.rollout.native.loader import load_weights
+from hybridrl.rollout.native.runner import ModelRunner
+from hybridrl.rollout.native.sampler import needs_filter, params_block, sample
+from hybridrl.rollout.native.scheduler import Request, Scheduler, Sequence
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HybridRLError(f"device={device!r} but CUDA is not available; use device=cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise HybridRLError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def try_tokenizer(model_path: str):
+    """The model folder's tokenizer, or None (stop strings then need one passed in)."""
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception:  # noqa: BLE001 - a folder without tokenizer files is fine for token-in/token-out
+        return None
+
+
+class NativeEngine:
+    def __init__(self, model_path: str, *, device: str = "auto", dtype: str = "auto",
+                 gpu_memory_utilization: float = 0.5, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 kv_block_size: int = 16, kv_cache_tokens: int | None = None, seed: int = 0, tokenizer=None,
+                 max_model_len: int | None = None, enforce_eager: bool = False):
+        self.device = resolve_device(device)
+        self.runner = ModelRunner(model_path, self.device, resolve_dtype(dtype, self.device),
+                                  block_size=kv_block_size, max_model_len=max_model_len,
+                                  use_cuda_graphs=not enforce_eager)
+        args = self.runner.args
+        self.max_model_len = self.runner.max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.bytes_per_token = bytes_per_token(args, self.runner.dtype)
+        tokens = pool_tokens(args, self.runner.dtype, self.device, kv_cache_tokens=kv_cache_tokens,
+                             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                             max_model_len=self.max_model_len)
+        self.runner.allocate_kv(tokens // kv_block_size + 1)          # + the scratch block 0
+        self.block_manager = BlockManager(self.runner.num_blocks, kv_block_size)
+        self.block_table = BlockTable(max_num_seqs, -(-self.max_model_len // kv_block_size))
+        self.tokenizer = tokenizer if tokenizer is not None else try_tokenizer(model_path)
+        self.scheduler = Scheduler(self.block_manager, self.block_table, max_num_seqs, max_num_batched_tokens,
+                                   self.tokenizer)
+        self.eos_token_ids = frozenset(args.eos_token_ids)
+        self.weight_version = 0
+        self.stats: Counter = Counter()     # prefill_calls, prefill_tokens, decode_steps, generated_tokens
+        self._seeds = random.Random(seed)
+        self._ids = itertools.count()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="native-engine")
+        self._requests: dict[str, Request] = {}
+        self._futures: dict[str, asyncio.Future] = {}
+        self._inbox: list[Sequence] = []
+        self._aborts: list[str | None] = []
+        self._asleep: set[str] = set()
+        self._loop = self._task = self._wakeup = None
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str | None = None) -> "NativeEngine":
+        """Build from a hybridrl Config: model.path (or the embedded default) and the rollout section."""
+        r = cfg.rollout
+        if not model_path:
+            from hybridrl.models import default_model_path
+            model_path = cfg.model.path or default_model_path()
+        device = resolve_device(cfg.trainer.device)
+        kv_tokens = None if device.type == "cuda" else r.max_num_seqs * (r.prompt_length + r.response_length)
+        tokenizer = try_tokenizer(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else None
+        return cls(model_path, device=str(device), dtype=r.dtype if r.dtype != "auto" else cfg.model.dtype,
+                   gpu_memory_utilization=r.gpu_memory_utilization, max_num_seqs=r.max_num_seqs,
+                   max_num_batched_tokens=r.max_num_batched_tokens, kv_block_size=r.kv_block_size,
+                   kv_cache_tokens=kv_tokens, seed=r.seed, tokenizer=tokenizer, enforce_eager=r.enforce_eager)
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, input_ids: list[int], sampling: SamplingParams,
+                       request_id: str | None = None) -> list[GenerateOutput]:
+        """`sampling.n` completions of one prompt; bad input raises HybridRLError for this request only."""
+        req = self._new_request(list(input_ids), sampling, request_id)
+        fut = asyncio.get_running_loop().create_future()
+        self._requests[req.id], self._futures[req.id] = req, fut
+        parent = Sequence(req, 0, list(input_ids), n_fork=sampling.n)
+        req.seqs.append(parent)
+        self._inbox.append(parent)
+        self._kick()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._aborts.append(req.id)
+            self._kick()
+            raise
+
+    def _new_request(self, ids: list[int], sp: SamplingParams, request_id: str | None) -> Request:
+        if self._asleep:
+            raise HybridRLError(f"the engine is asleep ({sorted(self._asleep)}): call wake() before generate()")
+        sp.validate()
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._requests:
+            raise HybridRLError(f"request_id {rid!r} is already in flight; use a unique id")
+        if not ids:
+            raise HybridRLError("empty prompt: input_ids must hold at least one token")
+        vocab = self.runner.args.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise HybridRLError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.max_model_len:
+            raise HybridRLError(f"prompt of {len(ids)} tokens does not fit the model's context of "
+                                f"{self.max_model_len} tokens (room for at least one new token is needed); "
+                                "fix: shorten the prompt or lower data.max_prompt_length")
+        if sp.n > self.max_num_seqs:
+            raise HybridRLError(f"n={sp.n} exceeds max_num_seqs={self.max_num_seqs}; raise rollout.max_num_seqs")
+        if sp.stop and self.tokenizer is None:
+            raise HybridRLError("stop strings need a tokenizer: pass tokenizer= to NativeEngine")
+        max_len = min(len(ids) + sp.max_new_tokens, self.max_model_len)
+        bs = self.block_manager.block_size
+        check_pool(self.block_manager, len(ids), max(max_len, len(ids) + bs * (sp.n - 1)), self.bytes_per_token)
+        stop = set(sp.stop_token_ids) | (set() if sp.ignore_eos else self.eos_token_ids)
+        seed = sp.seed if sp.seed is not None else self._seeds.getrandbits(63)
+        return Request(rid, sp, len(ids), max_len, frozenset(stop), seed)
+
+    async def abort(self, request_id: str | None = None) -> None:
+        """Abort one request (or all): it finishes with "abort" and keeps its tokens so far."""
+        self._aborts.append(request_id)
+        self._kick()
+
+    # ------------------------------------------------------------------ the step loop
+    def _kick(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop, self._wakeup = loop, asyncio.Event()
+            self._task = loop.create_task(self._run())
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._take_inbox()
+            if not self.scheduler.has_work():
+                self._wakeup.clear()
+                if not (self._inbox or self._aborts):
+                    await self._wakeup.wait()
+                continue
+            try:
+                finished = await loop.run_in_executor(self._executor, self._step)
+            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                self._fail_all(e)
+                continue
+            self._settle({s.req for s in finished})
+
+    def _take_inbox(self) -> None:
+        for seq in self._inbox:
+            self.scheduler.add(seq)
+        self._inbox.clear()
+        aborts, self._aborts = self._aborts, []
+        for rid in aborts:
+            reqs = list(self._requests.values()) if rid is None else [self._requests.get(rid)]
+            for req in filter(None, reqs):
+                self.scheduler.abort(req)
+            self._settle({r for r in reqs if r is not None})
+
+    def _step(self) -> list[Sequence]:
+        """One scheduler step (worker thread): prefill or decode, sample, append. -> finished sequences."""
+        kind, seqs = self.scheduler.schedule()
+        if kind == "prefill":
+            logits = self.runner.prefill(seqs)
+            self.stats["prefill_calls"] += 1
+            self.stats["prefill_tokens"] += sum(s.num_tokens for s in seqs)
+            seqs, counts, copies = self.scheduler.fork(seqs)
+            self.runner.copy_blocks(copies)
+            if len(seqs) > len(counts):
+                logits = logits.repeat_interleave(torch.tensor(counts, device=logits.device), dim=0)
+        elif seqs:
+            logits = self.runner.decode(seqs, self.block_table)
+            self.stats["decode_steps"] += 1
+        else:
+            raise RuntimeError("scheduler found nothing to run although requests wait (KV pool accounting)")
+        rows = [(s.req.params.temperature, s.req.params.top_k, s.req.params.top_p, s.req.params.min_p,
+                 s.rng.random()) for s in seqs]
+        tokens, logprobs = sample(logits, params_block(rows).to(logits.device), needs_filter(rows))
+        tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        self.stats["generated_tokens"] += len(seqs)
+        return self.scheduler.postprocess(seqs, [int(t) for t in tokens], logprobs)
+
+    def _settle(self, reqs) -> None:
+        for req in reqs:
+            if req.done and req.id in self._futures:
+                self._requests.pop(req.id)
+                fut = self._futures.pop(req.id)
+                if not fut.done():
+                    fut.set_result(self._outputs(req))
+
+    def _outputs(self, req: Request) -> list[GenerateOutput]:
+        outs = [GenerateOutput(s.output_ids, s.logprobs, s.finish_reason, req.prompt_len, len(s.output_ids),
+                               self.weight_version) for s in req.seqs]
+        while len(outs) < req.params.n:  # aborted before its prefill forked it
+            outs.append(GenerateOutput([], [], "abort", req.prompt_len, 0, self.weight_version))
+        return outs
+
+    def _fail_all(self, err: Exception) -> None:
+        for req in list(self._requests.values()):
+            self.scheduler.abort(req)
+            fut = self._futures.pop(req.id)
+            self._requests.pop(req.id)
+            if not fut.done():
+                fut.set_exception(err)
+
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ------------------------------------------------------------------ weights and memory
+    async def update_weights(self, buckets: Iterable[Seq[tuple[str, torch.Tensor]]], version: int) -> None:
+        """Load (hf_name, tensor) buckets in place between steps; then report `version`."""
+        if "weights" in self._asleep:
+            raise HybridRLError("weights are asleep: call wake(['weights']) before update_weights")
+
+        def load():
+            for bucket in buckets:
+                load_weights(self.runner.model, bucket)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
+        await self._in_worker(load)
+        self.weight_version = version
+
+    async def sleep(self, tags: Seq[str] = TAGS) -> None:
+        """"kv_cache" frees the KV pool; "weights" moves the weights to host memory (GPU only)."""
+        tags = self._check_tags(tags)
+        if "kv_cache" in tags and "kv_cache" not in self._asleep:
+            busy = len(self._requests)
+            if busy:
+                raise HybridRLError(f"cannot free the KV cache with {busy} requests in flight; abort() them first")
+            await self._in_worker(self.runner.free_kv)
+        if "weights" in tags and "weights" not in self._asleep and self.device.type == "cuda":
+            await self._in_worker(self.runner.move_weights, torch.device("cpu"))
+        self._asleep |= set(tags)
+
+    async def wake(self, tags: Seq[str] = TAGS) -> None:
+        tags = self._check_tags(tags)
+        if "weights" in tags and "weights" in self._asleep and self.device.type == "cuda":
+            await self._in_worker(self.runner.move_weights, self.device)
+        if "kv_cache" in tags and "kv_cache" in self._asleep:
+            await self._in_worker(self.runner.allocate_kv, self.runner.num_blocks)
+        self._asleep -= set(tags)
+
+    @staticmethod
+    def _check_tags(tags) -> list[str]:
+        bad = [t for t in tags if t not in TAGS]
+        if bad:
+            raise HybridRLError(f"unknown sleep/wake tags {bad}; use {list(TAGS)}")
+        return list(tags)
+
+    async def flush_cache(self) -> None:
+        """No prefix cache yet, so nothing to flush; kept for the protocol."""
+
+    async def close(self) -> None:
+        if self._requests:
+            await self.abort()
+            await asyncio.wait(list(self._futures.values()), timeout=60)
+        if self._task is not None and self._loop is asyncio.get_running_loop():
+            self._task.cancel()
+        self._executor.shutdown(wait=True)
+        self.runner.free_kv()
