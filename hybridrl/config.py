@@ -29,6 +29,11 @@ KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 VERL_ONLY_LOGGERS = ("mlflow", "swanlab", "vemlp_wandb", "clearml", "file")
 LENGTH_PAIRS = (("max_prompt_length", "prompt_length"), ("max_response_length", "response_length"))
+# Fields no code acts on yet: a value other than the default warns "accepted but not implemented yet".
+# Whoever implements one removes it here.
+NOT_IMPLEMENTED = ("model.use_remove_padding", "actor.param_offload", "actor.optimizer_offload", "ref.param_offload",
+                   "actor.ppo_max_token_len_per_gpu", "trainer.n_gpus_per_node", "trainer.nnodes",
+                   "trainer.default_hdfs_dir")
 ADV_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax")
 
 
@@ -334,11 +339,6 @@ class TrainerConfig:
                choices={"device": ("auto", "cpu", "cuda"), "resume_mode": ("auto", "disable", "resume_path")})
         if self.resume_mode == "resume_path" and not self.resume_from_path:
             raise _bad("trainer.resume_from_path", "", "set it to a checkpoint folder when trainer.resume_mode=resume_path")
-        if self.nnodes > 1:
-            warn(f"accepted but not implemented yet: trainer.nnodes={self.nnodes} (hybridrl runs on one node for now)")
-        if self.default_hdfs_dir:
-            warn(f"accepted but not implemented yet: trainer.default_hdfs_dir={self.default_hdfs_dir!r} "
-                 "(checkpoints stay in trainer.default_local_dir)")
 
     @staticmethod
     def _loggers(names: list) -> list:
@@ -365,6 +365,11 @@ class Config:
     def __post_init__(self):
         for dk, rk in LENGTH_PAIRS:
             self._sync_length(dk, rk)
+        for key in NOT_IMPLEMENTED:
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value != getattr(type(getattr(self, section))(), name):
+                warn(f"accepted but not implemented yet: {key}={value!r} (hybridrl ignores it for now)")
         if self.data.train_batch_size % self.actor.ppo_mini_batch_size:
             raise HybridRLError(
                 f"data.train_batch_size={self.data.train_batch_size} must be a multiple of "

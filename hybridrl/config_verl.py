@@ -87,7 +87,6 @@ ACCEPTED: dict[str, tuple | None] = {
     "actor_rollout_ref.model.use_fused_kernels": (False,),
     "actor_rollout_ref.rollout.mode": ("sync",),
     "actor_rollout_ref.rollout.do_sample": (True,),
-    "actor_rollout_ref.rollout.ignore_eos": (False,),
     "actor_rollout_ref.rollout.enable_chunked_prefill": (True,),
     "actor_rollout_ref.rollout.enable_prefix_caching": (True,),
     "actor_rollout_ref.rollout.disable_log_stats": ANY,
