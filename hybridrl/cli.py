@@ -87,8 +87,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
 
 
+def _add_verl_defaults(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verl-defaults", action="store_true",
+                   help="start from verl's algorithm defaults (adv_estimator=gae, rollout.n=1), as main_ppo does")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from hybridrl import __version__
     parser = argparse.ArgumentParser(prog="hybridrl", description="RL post-training of LLMs with SGLang rollouts")
+    parser.add_argument("--version", action="version", version=f"hybridrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, fn, help in (("train", cmd_train, "run RL training (PPO / GRPO / ...)"),
                            ("generate", cmd_generate, "generate responses for a prompt file (verl main_generation)"),
@@ -97,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(fn=fn)
         if name == "train":
-            p.add_argument("--verl-defaults", action="store_true",
-                           help="start from verl's algorithm defaults (adv_estimator=gae, rollout.n=1), as main_ppo does")
+            _add_verl_defaults(p)
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1")
             p.add_argument("--port", type=int, default=30000)
@@ -126,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the resolved config as YAML, and how verl keys were mapped")
     _add_config_args(show)
     show.add_argument("--comments", action="store_true", help="print each field's help after it")
+    _add_verl_defaults(show)
     show.set_defaults(fn=cmd_config_show)
     return parser
 

@@ -253,3 +253,10 @@ def test_accepted_verl_keys_do_not_hide_our_fields():
         for verl, mine in config_verl.VERL_PREFIXES:
             if key.startswith(verl) and key != "actor_rollout_ref.rollout.mode":   # verl's sync|async, not ours
                 assert mine + key[len(verl):] not in ours, key
+
+
+def test_default_yaml_lists_every_field():
+    from hybridrl import config_verl
+    listed = {key for key, _ in config_verl.flatten(config_verl.read_yaml(os.path.join(EXAMPLES, "default.yaml")))}
+    missing = set(all_keys()) - listed
+    assert not missing, f"examples/default.yaml lacks {sorted(missing)}: regenerate it with `hybridrl config show --comments`"
