@@ -459,8 +459,12 @@ def to_dict(cfg) -> dict:
 def to_yaml(cfg, comments: bool = False) -> str:
     """The config as YAML; with `comments`, each field's help string follows it."""
     import yaml
+
+    class Dumper(yaml.SafeDumper):   # sections in block style, lists on one line
+        pass
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
     if not comments:
-        return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+        return yaml.dump(to_dict(cfg), Dumper=Dumper, sort_keys=False, default_flow_style=False, width=120)
     return "\n".join(_commented(cfg, 0)) + "\n"
 
 
