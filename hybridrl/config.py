@@ -10,8 +10,8 @@ the dataclasses' `__post_init__` check ranges, enums and cross-field rules. A ba
 `HybridRLError` naming it; a verl key we accept but do not implement gives a `ConfigWarning`.
 
 Lengths: `data.max_prompt_length` / `data.max_response_length` are the source of truth and
-`rollout.prompt_length` / `rollout.response_length` mirror them. Set either spelling: the one you set is copied
-to the other; setting both to different values is an error.
+`rollout.prompt_length` / `rollout.response_length` mirror them. Set either spelling: the one that differs from
+its default is copied onto the other; setting both to different non-default values is an error.
 """
 from __future__ import annotations
 
@@ -409,7 +409,7 @@ def resolve_config(overrides=(), config_file: str | None = None,
     items = [config_verl.parse_override(arg) for arg in base]
     items += config_verl.flatten(config_verl.read_yaml(config_file)) if config_file else []
     items += [config_verl.parse_override(arg) for arg in overrides]
-    conf, mapped, given = _omegaconf().structured(Config), [], set()
+    conf, mapped = _omegaconf().structured(Config), []
     # structured() ran TrainerConfig.__post_init__, which resolved the run folder: restore the interpolation
     conf.trainer.default_local_dir = next(f.default for f in fields(TrainerConfig) if f.name == "default_local_dir")
     for key, value in items:
@@ -425,20 +425,7 @@ def resolve_config(overrides=(), config_file: str | None = None,
         if how == "verl":
             mapped.append((key, ours))
         _assign(conf, key, ours, config_verl.map_interpolations(value), typ)
-        given.add(ours)
-    tree = _resolve(conf)
-    _mirror_lengths(tree, given)
-    return from_dict(tree), mapped
-
-
-def _mirror_lengths(tree: dict, given: set) -> None:
-    """Copy the length the user set onto its twin (data.max_prompt_length <-> rollout.prompt_length)."""
-    for dk, rk in LENGTH_PAIRS:
-        d_set, r_set = f"data.{dk}" in given, f"rollout.{rk}" in given
-        if d_set and not r_set:
-            tree["rollout"][rk] = tree["data"][dk]
-        elif r_set and not d_set:
-            tree["data"][dk] = tree["rollout"][rk]
+    return from_dict(_resolve(conf)), mapped
 
 
 def from_dict(tree: dict, cls=Config):

@@ -32,6 +32,8 @@ def test_config_show_overrides_after_options(capsys, tmp_path):
     assert cli.main(["config", "show", "rollout.temperature=0.5", "--config", str(path), "actor.lr=2e-6"]) == 0
     out = capsys.readouterr().out
     assert "  n: 3\n" in out and "temperature: 0.5" in out and "lr: 2.0e-06" in out
+    assert cli.main(["config", "show", "--config-path", str(tmp_path), "--config-name", "c"]) == 0   # Hydra's form
+    assert "  n: 3\n" in capsys.readouterr().out
 
 
 def test_bad_key_exits_2_with_one_line(capsys):
