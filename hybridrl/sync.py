@@ -12,6 +12,7 @@ safetensors file, base64-encoded, so it fits a JSON string field (`serialized_na
 from __future__ import annotations
 
 import base64
+import json
 import os
 from typing import Iterable, Iterator, Sequence
 
@@ -50,21 +51,22 @@ def encode_cpu_bucket(bucket: Sequence[tuple[str, "object"]]) -> str:
     """[(name, tensor)] → base64 of safetensors bytes (tensors copied to CPU, made contiguous)."""
     from safetensors.torch import save
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
-    return base64.b64encode(save(tensors)).decode("ascii")
+    order = json.dumps([name for name, _ in bucket])
+    return base64.b64encode(save(tensors, metadata={"order": order})).decode("ascii")
 
 
 def decode_cpu_bucket(payload: str) -> list[tuple[str, "object"]]:
-    """Inverse of `encode_cpu_bucket`; keeps the sender's order."""
+    """Inverse of `encode_cpu_bucket`; keeps the sender's order (kept in the header's metadata)."""
     from safetensors.torch import load
-    return list(load(base64.b64decode(payload)).items())
+    raw = base64.b64decode(payload)
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    tensors = load(raw)
+    order = json.loads(header.get("__metadata__", {}).get("order", "[]")) or sorted(tensors)
+    return [(name, tensors[name]) for name in order]
 
 
 def save_hf_folder(buckets: Iterable[Sequence[tuple[str, "object"]]], out_dir: str) -> list[str]:
-    """Write each bucket as `model-0000i.safetensors` in out_dir (what `update_weights_from_disk` reads).
-
-    Also copies nothing else: callers pass a folder that already has config.json, or a server
-    that only needs the weights. Returns the tensor names written.
-    """
+    """Write bucket i as `model-0000i.safetensors` in out_dir (what `update_weights_from_disk` reads); returns the names."""
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     names = []
