@@ -54,14 +54,18 @@ def _read(path: str, suffix: str) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     with open(path, encoding="utf-8") as fh:
-        if suffix == ".json":
-            rows = json.load(fh)
+        text = fh.read()
+    if suffix == ".json":
+        try:
+            rows = json.loads(text)
             return rows if isinstance(rows, list) else [rows]
-        return [json.loads(line) for line in fh if line.strip()]
+        except json.JSONDecodeError:
+            pass  # many ".json" files are JSON lines
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def write_rows(rows: list[dict], path) -> str:
-    """Write rows as parquet (.parquet) or JSON lines (.jsonl / .json); creates the folder."""
+    """Write rows as parquet (.parquet), a JSON list (.json) or JSON lines (anything else); atomic."""
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -70,10 +74,12 @@ def write_rows(rows: list[dict], path) -> str:
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(rows), tmp)
+    elif path.endswith(".json"):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh, ensure_ascii=False, indent=1)
     else:
         with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     os.replace(tmp, path)
     return path
 
