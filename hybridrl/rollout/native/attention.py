@@ -88,7 +88,7 @@ def _kernel():
     @triton.jit
     def paged_decode(q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, lens_ptr, scale,
                      stride_qb, stride_qh, stride_kn, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
-                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr):
         # one program per (sequence, kv head): its G query heads against the sequence's blocks
         b, kvh = tl.program_id(0), tl.program_id(1)
         length = tl.load(lens_ptr + b)
@@ -104,13 +104,19 @@ def _kernel():
             off = blk * stride_kn + s[:, None] * stride_ks + kvh * stride_kh + d[None, :]
             k = tl.load(k_ptr + off)                                         # [BS, D]
             v = tl.load(v_ptr + off)
-            qk = tl.dot(q, tl.trans(k)) * scale                             # [G_PAD, BS] fp32
+            if IEEE:  # float32 caches: exact products, as the torch path computes them
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                qk = tl.dot(q, tl.trans(k)) * scale                         # [G_PAD, BS] fp32
             qk = tl.where((j * BS + s)[None, :] < length, qk, float("-inf"))
             m_new = tl.maximum(m, tl.max(qk, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(qk - m_new[:, None])
             denom = denom * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         out = acc / denom[:, None]
         tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -129,5 +135,6 @@ def decode_attention_triton(q, k_cache, v_cache, block_table, context_lens, scal
     _kernel()[(b, hkv)](q, k_cache, v_cache, o, block_table, context_lens, scale,
                         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                         block_table.stride(0), o.stride(0), o.stride(1),
-                        G=g, G_PAD=max(16, 1 << (g - 1).bit_length()), D=d, BS=bs)
+                        G=g, G_PAD=max(16, 1 << (g - 1).bit_length()), D=d, BS=bs,
+                        IEEE=k_cache.dtype == torch.float32)
     return o

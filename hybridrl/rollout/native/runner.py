@@ -100,7 +100,7 @@ class ModelRunner:
                 self.graphs[key] = self._capture(*key)
             graph, static, logits = self.graphs[key]
             static["cols"][:, :b].copy_(torch.from_numpy(cols), non_blocking=True)
-            static["cols"][:, b:] = torch.tensor([0, 0, 0, 1], device=self.device)[:, None]
+            static["cols"][:, b:].copy_(static["pad"][:, b:])
             static["table"].copy_(table.rows(rows, key[1], pad_to=key[0]), non_blocking=True)
             graph.replay()
             return logits[:b]
@@ -115,8 +115,8 @@ class ModelRunner:
 
     def _capture(self, b: int, nblk: int) -> tuple:
         """A CUDA graph of the decode forward for batch b and nblk blocks per sequence (padded)."""
-        cols = torch.zeros(4, b, dtype=torch.int64, device=self.device)
-        cols[3] = 1
+        cols = torch.zeros(4, b, dtype=torch.int64, device=self.device)   # ids, positions, slots, lens
+        cols[3] = 1                                                            # padded rows: 1 token, block 0
         table = torch.zeros(b, nblk, dtype=torch.int32, device=self.device)
         run = lambda: self._decode_forward(cols[0], cols[1], cols[2], cols[3], table)  # noqa: E731
         stream = torch.cuda.Stream(self.device)
@@ -128,4 +128,4 @@ class ModelRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
             logits = run()
-        return graph, {"cols": cols, "table": table}, logits
+        return graph, {"cols": cols, "table": table, "pad": cols.clone()}, logits
