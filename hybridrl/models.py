@@ -217,7 +217,10 @@ def tiny_model_config(arch: str = "qwen2", vocab_size: int = 512, hidden_size: i
 
 
 def save_tiny_model(out_dir, arch: str = "qwen2", seed: int = 0, dtype=None, **config_kwargs) -> str:
-    """Random-init a tiny model with a fixed seed; save safetensors + config + tiny tokenizer to out_dir."""
+    """Random-init a tiny model with a fixed seed; save safetensors + config + tiny tokenizer to out_dir.
+
+    dtype: a torch dtype (None = float32); config_kwargs go to tiny_model_config (hidden_size=16, ...).
+    """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -300,7 +303,7 @@ def check_model_dir(path) -> None:
     fix = "fix: run `hybridrl prepare-model smollm2` or point model.path at a Hugging Face model folder"
     folder = Path(path)
     if not folder.is_dir():
-        raise HybridRLError(f"model folder {path} does not exist; {fix}")
+        raise HybridRLError(f"model folder {path} does not exist (or is not a folder); {fix}")
     if not (folder / "config.json").exists():
         raise HybridRLError(f"model folder {path} has no config.json; {fix}")
     if not (list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))):

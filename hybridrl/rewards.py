@@ -103,7 +103,11 @@ def reasoning_gym_compute_score(data_source: str, solution_str: str, ground_trut
         entry = {"question": "", "answer": ground_truth, "metadata": {}}
     entry.setdefault("answer", ground_truth)
     entry.setdefault("metadata", {})
-    value = _rg_scorer(task)(extract_final_answer(solution_str), entry)
+    scorer = _rg_scorer(task)
+    try:
+        value = scorer(extract_final_answer(solution_str), entry)
+    except Exception:  # a scorer choking on odd model output must not stop training: it is simply wrong
+        return 0.0
     return float(value or 0.0)
 
 

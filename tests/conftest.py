@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,9 +23,20 @@ def _cuda() -> bool:
         return False
 
 
+def _imports(name: str) -> bool:
+    """True when `import name` works (not just when the package is found)."""
+    if importlib.util.find_spec(name) is None:
+        return False
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:
+        return False
+
+
 def pytest_collection_modifyitems(config, items):
     cuda = _cuda()
-    has_sglang = importlib.util.find_spec("sglang") is not None
+    has_sglang = cuda and any("sglang" in item.keywords for item in items) and _imports("sglang")
     skip_slow = os.environ.get("HYBRIDRL_SKIP_SLOW") == "1"
     for item in items:
         if "gpu" in item.keywords and not cuda:

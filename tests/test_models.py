@@ -39,9 +39,10 @@ def qwen_cache(tmp_path_factory):
     old = os.environ.get("HYBRIDRL_CACHE")
     os.environ["HYBRIDRL_CACHE"] = str(cache)
     try:
-        yield cache, qwen25_tokenizer()
-    finally:
+        tok = qwen25_tokenizer()
+    finally:  # only while building: later tests must see the real cache
         os.environ.pop("HYBRIDRL_CACHE") if old is None else os.environ.__setitem__("HYBRIDRL_CACHE", old)
+    return cache, tok
 
 
 def test_qwen25_tokenizer(qwen_cache, monkeypatch):
