@@ -61,14 +61,18 @@ class HTTPClient:
         import aiohttp
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
+            _drop(self._session)
             self._loop = loop
             connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed and self._loop is asyncio.get_running_loop():
-            await self._session.close()
+        if self._session is not None and not self._session.closed:
+            if self._loop is asyncio.get_running_loop():
+                await self._session.close()
+            else:
+                _drop(self._session)
         self._session = None
 
     async def get(self, path: str, **kw):
@@ -126,3 +130,15 @@ def _is_connection_error(e: BaseException) -> bool:
     if isinstance(e, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
         return not isinstance(e, aiohttp.SocketTimeoutError)
     return isinstance(e, ConnectionError)
+
+
+def _drop(session) -> None:
+    """Forget a session made in an event loop that is gone (it cannot be awaited closed any more)."""
+    if session is None or session.closed:
+        return
+    connector = session.connector
+    session.detach()
+    try:
+        connector._close()          # sync close of the pooled sockets; private but stable across aiohttp 3.x
+    except Exception:  # noqa: BLE001 - best effort cleanup of a dead loop's sockets
+        pass
