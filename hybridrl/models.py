@@ -103,7 +103,12 @@ def _tiny_corpus() -> list[str]:
     words = ["what", "is", "plus", "minus", "times", "divided", "by", "the", "answer", "equals",
              "Let's", "think", "step", "final", "number", "sum", "total", "of", "and", "a", "How",
              "many", "apples", "does", "she", "have", "left", "user", "assistant", "system", "Calculate",
-             "Give", "only", "So", "We", "get", "first", "then", "result", "#### ", "<answer>", "</answer>"]
+             "Give", "only", "So", "We", "get", "first", "then", "result", "#### ", "<answer>", "</answer>",
+             "There", "are", "was", "were", "each", "every", "more", "less", "than", "half", "twice", "per",
+             "day", "week", "hour", "minutes", "dollars", "cost", "buy", "sell", "sold", "bought", "pay",
+             "paid", "price", "money", "eggs", "students", "class", "school", "friends", "books", "cookies",
+             "John", "Mary", "Tom", "Anna", "you", "your", "it", "can", "will", "if", "how", "much", "for",
+             "with", "from", "into", "after", "before", "need", "needs", "makes", "make", "works", "time"]
     lines = [" ".join(words), "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
              "0 1 2 3 4 5 6 7 8 9 10 100 1000 + - * / = ( ) . , ? ! : ; ' \" $ % # < > [ ] { } \n \t"]
     ops = [("plus", "+", lambda a, b: a + b), ("minus", "-", lambda a, b: a - b), ("times", "*", lambda a, b: a * b)]
@@ -117,10 +122,16 @@ def _tiny_corpus() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _tiny_tokenizer_json() -> str:
     """Train the byte-level BPE once per process (deterministic; ~50 ms) and keep its JSON."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+    # Qwen2's pipeline exactly: transformers 5 loads any qwen2 / qwen3 folder with Qwen2Tokenizer, which
+    # rebuilds this normalizer and pre-tokenizer; matching it keeps token ids the same on every load path.
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -134,8 +145,7 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
-                                  eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=["<|im_start|>"])
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = CHATML_TEMPLATE
     return tok
 
@@ -196,6 +206,33 @@ def qwen25_tokenizer():
     return tok
 
 
+def make_portable(folder, model_max_length: int | None = None) -> None:
+    """Add the spellings older readers expect (transformers 4.x inside an SGLang install) to a saved folder:
+    top-level rope_theta / torch_dtype in config.json, tokenizer_class PreTrainedTokenizerFast and the
+    chat template inside tokenizer_config.json. transformers 5 reads the folder the same either way."""
+    import json
+
+    folder = Path(folder)
+    config_path, tok_path = folder / "config.json", folder / "tokenizer_config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        rope = config.get("rope_parameters") or {}
+        config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        config.setdefault("torch_dtype", config.get("dtype", "float32"))
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tok_path.exists():
+        tok = json.loads(tok_path.read_text())
+        for key in ("is_local", "local_files_only", "backend"):
+            tok.pop(key, None)
+        tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if model_max_length:
+            tok["model_max_length"] = model_max_length
+        template = folder / "chat_template.jinja"
+        if template.exists():
+            tok.setdefault("chat_template", template.read_text())
+        tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
+
+
 # ---------------------------------------------------------------- tiny random models
 
 def tiny_model_config(arch: str = "qwen2", vocab_size: int = 512, hidden_size: int = 32, num_layers: int = 2,
@@ -232,6 +269,7 @@ def save_tiny_model(out_dir, arch: str = "qwen2", seed: int = 0, dtype=None, **c
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tiny_tokenizer().save_pretrained(str(out_dir))
+    make_portable(out_dir, model_max_length=config.max_position_embeddings)
     return str(out_dir)
 
 
@@ -275,6 +313,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(str(out))
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok.save_pretrained(str(out))
+    make_portable(out, model_max_length=config.max_position_embeddings)
 
 
 def prepare_smollm2(out_dir: str | None = None) -> str:

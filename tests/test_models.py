@@ -80,7 +80,9 @@ def test_tiny_model_saves_a_normal_hf_folder(tmp_path, arch):
     path = save_tiny_model(tmp_path / arch, arch=arch, seed=3)
     assert torch.equal(rng_before, torch.get_rng_state())  # the caller's RNG is untouched
     check_model_dir(path)
-    assert load_tokenizer(path).eos_token_id == 2
+    loaded, fresh = load_tokenizer(path), tiny_tokenizer()  # transformers picks Qwen2Tokenizer for qwen2 folders
+    text = "<|im_start|>user\nWhat is 1234 plus 7?  Gåsë\n\n<|im_end|>\n"
+    assert loaded(text)["input_ids"] == fresh(text)["input_ids"] and loaded.eos_token_id == 2
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.model_type == arch and model.config.hidden_size == 32
     logits = model(torch.tensor([[1, 5, 9, 2]])).logits  # [B=1, T=4, V=512]
