@@ -100,8 +100,8 @@ def _messages(value: Any, path: str, row: int, key: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _rows_of(files: list[str], prompt_key: str) -> list[tuple[str, dict]]:
-    """(file, row) pairs from every file, checking each file is non-empty and has the prompt column."""
+def _rows_of(files: list[str], prompt_key: str) -> list[tuple[str, int, dict]]:
+    """(file, row number in that file, row) from every file; each file must be non-empty and have the column."""
     out = []
     for path in files:
         rows = read_rows(path)
@@ -110,7 +110,7 @@ def _rows_of(files: list[str], prompt_key: str) -> list[tuple[str, dict]]:
         if prompt_key not in rows[0]:
             raise HybridRLError(f"data file {path} has no column {prompt_key!r} (columns: {sorted(rows[0])}); "
                                 f"fix: set data.prompt_key to the column holding the chat messages")
-        out.extend((path, row) for row in rows)
+        out.extend((path, j, row) for j, row in enumerate(rows))
     return out
 
 
@@ -121,13 +121,19 @@ def _ground_truth(row: dict) -> Any:
     return row.get("ground_truth")
 
 
-def _encode(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+def _encode(tokenizer, conversations: list[list[dict]], where: list[str]) -> list[list[int]]:
     """Chat template (with the assistant header) then tokens; the text goes through the tokenizer once,
     exactly as an engine given the same text would tokenize it."""
     from tqdm import tqdm
 
-    texts = [tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-             for msgs in tqdm(conversations, desc="chat template", disable=len(conversations) < 5000)]
+    texts = []
+    for i, msgs in enumerate(tqdm(conversations, desc="chat template", disable=len(conversations) < 5000)):
+        try:
+            texts.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        except Exception as e:  # e.g. a template that demands alternating user/assistant roles
+            raise HybridRLError(f"{where[i]}: the chat template rejected the messages ({type(e).__name__}: "
+                                f"{str(e)[:200]}); fix: check the roles in the prompt column or use another "
+                                "tokenizer (model.tokenizer_path)") from None
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -143,13 +149,13 @@ def load_prompts(files: list[str], tokenizer, max_prompt_length: int, prompt_key
     rows = _rows_of(files, prompt_key)
     if max_samples is not None and max_samples > 0:
         rows = rows[:max_samples]
-    conversations = [_messages(row.get(prompt_key), path, i, prompt_key) for i, (path, row) in enumerate(rows)]
-    ids = _encode(tokenizer, conversations)
+    conversations = [_messages(row.get(prompt_key), path, j, prompt_key) for path, j, row in rows]
+    ids = _encode(tokenizer, conversations, [f"data file {path}, row {j}" for path, j, _ in rows])
     samples = [
         Sample(prompt_ids=list(ids[i]), index=i, data_source=row.get("data_source") or "",
                ground_truth=_ground_truth(row), extra_info=dict(row.get("extra_info") or {}),
                raw_prompt=conversations[i])
-        for i, (_, row) in enumerate(rows) if len(ids[i]) <= max_prompt_length
+        for i, (_, _, row) in enumerate(rows) if len(ids[i]) <= max_prompt_length
     ]
     dropped = len(rows) - len(samples)
     if not samples:

@@ -11,6 +11,7 @@ Heavy imports (torch, transformers, tokenizers) happen inside the functions.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -325,9 +326,35 @@ def prepare_smollm2(out_dir: str | None = None) -> str:
         raise HybridRLError(f"{out} exists but holds no model (config.json + *.safetensors); "
                             "fix: remove it or choose another --out")
     gguf = smollm2_gguf_path()
-    print(f"hybridrl: converting {gguf.name} into {out} (once, ~25 s) ...", flush=True)
-    _atomic_dir(out, lambda tmp: _convert_gguf(gguf, tmp))
+    with _file_lock(out.parent / f".{out.name}.lock", timeout=600.0):
+        if not (out / "config.json").exists():  # another process may have converted it while we waited
+            print(f"hybridrl: converting {gguf.name} into {out} (once, ~25 s) ...", flush=True)
+            _atomic_dir(out, lambda tmp: _convert_gguf(gguf, tmp))
     return str(out)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float):
+    """An exclusive lock between processes (flock), so parallel runs convert a model only once."""
+    import fcntl
+    import time
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(path, "w") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HybridRLError(f"waited {timeout:.0f} s for lock {path}; fix: if no other hybridrl "
+                                        "process is converting a model, delete the lock file") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def default_model_path() -> str:

@@ -196,3 +196,19 @@ def test_prepare_reasoning_gym_unknown_task(tmp_path):
 def test_prepare_reasoning_gym_bad_task_option(tmp_path):
     with pytest.raises(HybridRLError, match="rejected its options"):
         prepare_reasoning_gym("basic_arithmetic", 5, tmp_path, no_such_option=3)
+
+
+def test_error_names_the_row_inside_its_own_file(tmp_path, tiny_tok):
+    good = write_rows([row(), row()], tmp_path / "good.jsonl")
+    bad = write_rows([row(), {"prompt": 3}], tmp_path / "bad.jsonl")
+    with pytest.raises(HybridRLError, match=r"bad.jsonl, row 1: column 'prompt' is int"):
+        load_prompts([good, bad], tiny_tok, 256)
+
+
+def test_chat_template_rejecting_messages(tmp_path):
+    from hybridrl.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(HybridRLError, match=r"d.jsonl, row 0: the chat template rejected the messages.*roles must alternate"):
+        load_prompts([write_rows([row()], tmp_path / "d.jsonl")], tok, 256)

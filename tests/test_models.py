@@ -157,6 +157,21 @@ def test_prepare_smollm2_refuses_a_foreign_folder(tmp_path):
         prepare_smollm2(str(tmp_path))
 
 
+def test_conversion_lock_times_out_with_a_clear_message(tmp_path):
+    import fcntl
+
+    from hybridrl.models import _file_lock
+
+    lock = tmp_path / ".m.lock"
+    with _file_lock(lock, timeout=1.0):
+        pass  # free: taken at once
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process converting
+        with pytest.raises(HybridRLError, match="waited 1 s for lock"):
+            with _file_lock(lock, timeout=1.0):
+                pass
+
+
 # ---------------------------------------------------------------- the real default model
 
 @pytest.mark.slow
