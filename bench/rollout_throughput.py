@@ -97,6 +97,60 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int, device) -> float:
     return dt
 
 
+def profile_decode(engine: NativeEngine, prompts: list[list[int]], steps: int) -> dict:
+    """Milliseconds per decode step by phase (device synchronised): where a step's time goes."""
+    from hybridrl.rollout.native.sampler import batch_flags, params_block, sample
+    from hybridrl.rollout.native.scheduler import Sequence
+
+    for p in prompts:
+        req = engine._new_request(p, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True), None)
+        req.seqs.append(Sequence(req, 0, list(p)))
+        engine.scheduler.add(req.seqs[0])
+    while engine.scheduler.waiting:
+        engine._step()
+    phases = dict(schedule=0.0, forward=0.0, sample=0.0, postprocess=0.0)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        _, seqs = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        logits = engine.runner.decode(seqs, engine.block_table)
+        sync(engine.device)
+        t2 = time.perf_counter()
+        rows = [s.req.knobs + (s.rng.random(),) for s in seqs]
+        tokens, logprobs = sample(logits, params_block(rows).to(logits.device),
+                                  **batch_flags({s.req.knobs for s in seqs}))
+        tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()
+        t3 = time.perf_counter()
+        engine.scheduler.postprocess(seqs, [int(t) for t in tokens], logprobs)
+        t4 = time.perf_counter()
+        for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[k] += dt * 1e3 / steps
+    for req in list(engine._requests.values()) or {s.req for s in engine.scheduler.running}:
+        engine.scheduler.abort(req)
+    return {k: round(v, 3) for k, v in phases.items()}
+
+
+def hf_rows(path, prompts, batches, new_tokens, device, dtype, rows) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    run_hf(model, prompts[:1], 8, device)                                   # warm-up
+    with torch.inference_mode():
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            model(torch.tensor(prompts[:1], device=device)[:, :16])
+        sync(device)
+    print(f"hf     one forward of 16 tokens, batch 1: {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms", flush=True)
+    for b in batches:
+        dt = run_hf(model, prompts[:b], new_tokens, device)
+        rows[b]["hf_tok_s"] = b * new_tokens / dt
+        print(f"hf     batch {b}: {rows[b]['hf_tok_s']:.0f} tok/s ({dt:.2f} s)", flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="0.5B", help="Qwen2.5 shape (0.5B | 1.5B | 7B) or `small` (CPU)")
@@ -106,6 +160,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     ap.add_argument("--eager", action="store_true", help="native engine without CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="also print ms per decode phase at the largest batch")
     ap.add_argument("--out", default="rollout_throughput.json")
     a = ap.parse_args()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -120,6 +175,8 @@ def main() -> None:
         prompts = torch.randint(3, vocab, (max(batches), a.prompt_len)).tolist()
         rows = {b: {"batch": b} for b in batches}
         max_len = a.prompt_len + a.new_tokens
+        if not a.no_hf:  # first, so nothing of the native engine (threads, graphs, pool) is around
+            hf_rows(path, prompts, batches, a.new_tokens, device, dtype, rows)
         engine = NativeEngine(path, device=str(device), max_num_seqs=max(batches), max_model_len=max_len,
                               kv_cache_tokens=None if device.type == "cuda" else max(batches) * max_len,
                               enforce_eager=a.eager)
@@ -128,16 +185,11 @@ def main() -> None:
             dt = run_native(engine, prompts[:b], a.new_tokens)
             rows[b]["native_tok_s"] = b * a.new_tokens / dt
             print(f"native batch {b}: {rows[b]['native_tok_s']:.0f} tok/s ({dt:.2f} s)", flush=True)
+        if a.profile:
+            rows[max(batches)]["native_decode_ms"] = profile_decode(engine, prompts[:max(batches)],
+                                                                    min(64, a.new_tokens - 2))
+            print(f"native decode phases at batch {max(batches)} (ms/step): {rows[max(batches)]['native_decode_ms']}")
         asyncio.run(engine.close())
-        del engine
-        if not a.no_hf:
-            from transformers import AutoModelForCausalLM
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-            run_hf(model, prompts[:1], 8, device)                           # warm-up
-            for b in batches:
-                dt = run_hf(model, prompts[:b], a.new_tokens, device)
-                rows[b]["hf_tok_s"] = b * a.new_tokens / dt
-                print(f"hf     batch {b}: {rows[b]['hf_tok_s']:.0f} tok/s ({dt:.2f} s)", flush=True)
 
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",

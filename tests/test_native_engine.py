@@ -274,9 +274,9 @@ def test_gpu_triton_decode_matches_torch():
     from hybridrl.rollout.native.attention import decode_attention_torch, decode_attention_triton
     torch.manual_seed(0)
     for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
-        n, bs, hkv, d, h = 64, 16, 2, 64, 14
+        n, bs, hkv, d, h = 128, 16, 2, 64, 14
         k_cache, v_cache = (torch.randn(n, bs, hkv, d, device="cuda", dtype=dtype) for _ in range(2))
-        lens = torch.tensor([1, 15, 16, 17, 100, 250], device="cuda", dtype=torch.int32)
+        lens = torch.tensor([1, 15, 16, 17, 100, 256], device="cuda", dtype=torch.int32)
         table = torch.randperm(n - 1, device="cuda")[:6 * 16].view(6, 16).int() + 1
         q = torch.randn(6, h, d, device="cuda", dtype=dtype)
         ref = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), table, lens, d ** -0.5)

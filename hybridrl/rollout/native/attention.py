@@ -64,8 +64,8 @@ def decode_attention_torch(q, k_cache, v_cache, block_table, context_lens, scale
 
 
 def triton_ok(device: torch.device, head_dim: int, block_size: int) -> bool:
-    """The Triton kernel needs CUDA, a power-of-two head_dim >= 16 and blocks of >= 16 tokens."""
-    if device.type != "cuda" or head_dim < 16 or head_dim & (head_dim - 1) or block_size < 16:
+    """The Triton kernel needs CUDA, a power-of-two head_dim >= 16 and a power-of-two block size."""
+    if device.type != "cuda" or head_dim < 16 or head_dim & (head_dim - 1) or block_size & (block_size - 1):
         return False
     try:
         import triton  # noqa: F401
@@ -88,27 +88,30 @@ def _kernel():
     @triton.jit
     def paged_decode(q_ptr, k_ptr, v_ptr, o_ptr, table_ptr, lens_ptr, scale,
                      stride_qb, stride_qh, stride_kn, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
-                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr):
-        # one program per (sequence, kv head): its G query heads against the sequence's blocks
+                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        # one program per (sequence, kv head): its G query heads against BLOCK_N cached tokens at a time
         b, kvh = tl.program_id(0), tl.program_id(1)
         length = tl.load(lens_ptr + b)
-        g, d, s = tl.arange(0, G_PAD), tl.arange(0, D), tl.arange(0, BS)
+        g, d, n = tl.arange(0, G_PAD), tl.arange(0, D), tl.arange(0, BLOCK_N)
         heads = kvh * G + g
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=(g < G)[:, None], other=0.0)                       # [G_PAD, D]
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        for j in range(0, tl.cdiv(length, BS)):
-            blk = tl.load(table_ptr + b * stride_tb + j).to(tl.int64)
-            off = blk * stride_kn + s[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-            k = tl.load(k_ptr + off)                                         # [BS, D]
-            v = tl.load(v_ptr + off)
+        for start in range(0, length, BLOCK_N):
+            tok = start + n                                                  # [BLOCK_N] token positions
+            live = tok < length
+            blk = tl.load(table_ptr + b * stride_tb + tok // BS, mask=live, other=0).to(tl.int64)
+            off = blk[:, None] * stride_kn + (tok % BS)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            k = tl.load(k_ptr + off, mask=live[:, None], other=0.0)          # [BLOCK_N, D]
+            v = tl.load(v_ptr + off, mask=live[:, None], other=0.0)
             if IEEE:  # float32 caches: exact products, as the torch path computes them
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
-                qk = tl.dot(q, tl.trans(k)) * scale                         # [G_PAD, BS] fp32
-            qk = tl.where((j * BS + s)[None, :] < length, qk, float("-inf"))
+                qk = tl.dot(q, tl.trans(k)) * scale                         # [G_PAD, BLOCK_N] fp32
+            qk = tl.where(live[None, :], qk, float("-inf"))
             m_new = tl.maximum(m, tl.max(qk, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(qk - m_new[:, None])
@@ -135,6 +138,6 @@ def decode_attention_triton(q, k_cache, v_cache, block_table, context_lens, scal
     _kernel()[(b, hkv)](q, k_cache, v_cache, o, block_table, context_lens, scale,
                         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                         block_table.stride(0), o.stride(0), o.stride(1),
-                        G=g, G_PAD=max(16, 1 << (g - 1).bit_length()), D=d, BS=bs,
+                        G=g, G_PAD=max(16, 1 << (g - 1).bit_length()), D=d, BS=bs, BLOCK_N=64,
                         IEEE=k_cache.dtype == torch.float32)
     return o

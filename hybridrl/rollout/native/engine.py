@@ -27,7 +27,7 @@ from hybridrl.rollout.base import TAGS, GenerateOutput, SamplingParams
 from hybridrl.rollout.native.kv_cache import BlockManager, BlockTable, bytes_per_token, check_pool, pool_tokens
 from hybridrl.rollout.native.loader import load_weights
 from hybridrl.rollout.native.runner import ModelRunner
-from hybridrl.rollout.native.sampler import needs_filter, params_block, sample
+from hybridrl.rollout.native.sampler import batch_flags, params_block, sample
 from hybridrl.rollout.native.scheduler import Request, Scheduler, Sequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -209,9 +209,9 @@ class NativeEngine:
             self.stats["decode_steps"] += 1
         else:
             raise RuntimeError("scheduler found nothing to run although requests wait (KV pool accounting)")
-        rows = [(s.req.params.temperature, s.req.params.top_k, s.req.params.top_p, s.req.params.min_p,
-                 s.rng.random()) for s in seqs]
-        tokens, logprobs = sample(logits, params_block(rows).to(logits.device), needs_filter(rows))
+        rows = [s.req.knobs + (s.rng.random(),) for s in seqs]
+        flags = batch_flags({s.req.knobs for s in seqs})
+        tokens, logprobs = sample(logits, params_block(rows).to(logits.device), **flags)
         tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()
         self.stats["generated_tokens"] += len(seqs)
         return self.scheduler.postprocess(seqs, [int(t) for t in tokens], logprobs)

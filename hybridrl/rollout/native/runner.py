@@ -81,13 +81,15 @@ class ModelRunner:
     def decode_inputs(self, seqs) -> tuple[np.ndarray, list[int], int]:
         """[4, B] int64 (ids, positions, slots, context lens), block-table rows, blocks needed."""
         bs = self.block_size
-        cols = np.empty((4, len(seqs)), dtype=np.int64)
-        nblk = 1
-        for i, seq in enumerate(seqs):
-            n = seq.num_tokens
-            cols[:, i] = (seq.token_ids[-1], n - 1, seq.blocks[(n - 1) // bs] * bs + (n - 1) % bs, n)
-            nblk = max(nblk, len(seq.blocks))
-        return cols, [s.row for s in seqs], nblk
+        ids, lens, slots = [], [], []
+        for seq in seqs:
+            last = len(seq.token_ids) - 1
+            ids.append(seq.token_ids[last])
+            lens.append(last + 1)
+            slots.append(seq.blocks[last // bs] * bs + last % bs)
+        cols = np.array([ids, lens, slots, lens], dtype=np.int64)
+        cols[1] -= 1
+        return cols, [s.row for s in seqs], max(len(s.blocks) for s in seqs)
 
     @torch.inference_mode()
     def decode(self, seqs, table) -> torch.Tensor:

@@ -19,22 +19,28 @@ def params_block(rows: list[tuple[float, int, float, float, float]]) -> torch.Te
     return torch.tensor(rows, dtype=torch.float64).T.contiguous()
 
 
-def needs_filter(rows) -> bool:
-    return any(r[TOP_K] > 0 or r[TOP_P] < 1.0 or r[MIN_P] > 0.0 for r in rows)
+def batch_flags(knobs: set) -> dict:
+    """Host-side facts that let `sample` skip work, from the batch's distinct (T, top_k, top_p, min_p)."""
+    return {"filtered": any(k[TOP_K] > 0 or k[TOP_P] < 1.0 or k[MIN_P] > 0.0 for k in knobs),
+            "any_greedy": any(k[TEMP] == 0 for k in knobs),
+            "unit_temp": all(k[TEMP] in (0.0, 1.0) for k in knobs)}
 
 
-def sample(logits: torch.Tensor, params: torch.Tensor, filtered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, params: torch.Tensor, filtered: bool = True, any_greedy: bool = True,
+           unit_temp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     # logits: [B, V] float32; params: [5, B] on the device -> tokens [B] long, logprobs [B] float32
     temp = params[TEMP].float()
     greedy = temp == 0
-    logp = torch.log_softmax(logits / torch.where(greedy, 1.0, temp)[:, None], dim=-1)   # [B, V]
+    scaled = logits if unit_temp else logits / torch.where(greedy, 1.0, temp)[:, None]
+    logp = torch.log_softmax(scaled, dim=-1)                                           # [B, V]
     if filtered:
         sorted_logp, order = logp.sort(dim=-1, descending=True)
         probs = filter_sorted(sorted_logp.exp(), params)
         tokens = order.gather(1, inverse_cdf(probs, params[U])[:, None]).squeeze(1)
     else:
         tokens = inverse_cdf(logp.exp(), params[U])
-    tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    if any_greedy:
+        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 

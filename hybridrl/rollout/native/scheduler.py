@@ -29,6 +29,10 @@ class Request:
     seqs: list = field(default_factory=list)
     aborted: bool = False
 
+    def __post_init__(self):
+        p = self.params
+        self.knobs = (p.temperature, p.top_k, p.top_p, p.min_p)   # the sampler's row, less the uniform
+
     @property
     def done(self) -> bool:
         settled = len(self.seqs) == self.params.n or self.aborted
@@ -98,6 +102,13 @@ class Scheduler:
 
     def _grow_running(self) -> list[Sequence]:
         """Give each running sequence a block for the token it writes next; preempt when none is free."""
+        bs = self.bm.block_size
+        short = [s for s in self.running if (len(s.token_ids) - 1) // bs >= len(s.blocks)]
+        if len(short) <= self.bm.num_free:      # the common case: no preemption needed
+            for seq in short:
+                seq.blocks.append(self.bm.allocate())
+                self.table.set(seq.row, len(seq.blocks) - 1, seq.blocks[-1])
+            return list(self.running)
         scheduled = []
         while self.running:
             seq = self.running.popleft()
@@ -166,7 +177,7 @@ class Scheduler:
             return "stop"
         if req.params.stop and self._hits_stop_string(seq):
             return "stop"
-        if seq.num_tokens >= req.max_len:
+        if len(seq.token_ids) >= req.max_len:
             return "length"
         return ""
 
