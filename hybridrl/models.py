@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -176,6 +177,8 @@ def _atomic_dir(final: Path, build) -> None:
     try:
         build(tmp)
         os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():  # mkstemp-style 0600 files would lock other users out of a shared cache
+            os.chmod(f, 0o644)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -326,7 +329,8 @@ def prepare_smollm2(out_dir: str | None = None) -> str:
         raise HybridRLError(f"{out} exists but holds no model (config.json + *.safetensors); "
                             "fix: remove it or choose another --out")
     gguf = smollm2_gguf_path()
-    with _file_lock(out.parent / f".{out.name}.lock", timeout=600.0):
+    lock = cache_dir() / "locks" / f"{out.name}-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]}.lock"
+    with _file_lock(lock, timeout=600.0):
         if not (out / "config.json").exists():  # another process may have converted it while we waited
             print(f"hybridrl: converting {gguf.name} into {out} (once, ~25 s) ...", flush=True)
             _atomic_dir(out, lambda tmp: _convert_gguf(gguf, tmp))
