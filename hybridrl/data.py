@@ -121,6 +121,11 @@ def _ground_truth(row: dict) -> Any:
     return row.get("ground_truth")
 
 
+def _extra_info(row: dict) -> dict:
+    extra = row.get("extra_info")
+    return dict(extra) if isinstance(extra, dict) else ({} if extra is None else {"extra_info": extra})
+
+
 def _encode(tokenizer, conversations: list[list[dict]], where: list[str]) -> list[list[int]]:
     """Chat template (with the assistant header) then tokens; the text goes through the tokenizer once,
     exactly as an engine given the same text would tokenize it."""
@@ -140,7 +145,7 @@ def _encode(tokenizer, conversations: list[list[dict]], where: list[str]) -> lis
 def load_prompts(files: list[str], tokenizer, max_prompt_length: int, prompt_key: str = "prompt",
                  max_samples: int = -1) -> list[Sample]:
     """Read prompt files into Samples with chat-templated `prompt_ids`; drop prompts over max_prompt_length."""
-    files = [files] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
+    files = [str(files)] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
     if not files:
         raise HybridRLError(f"no data files given; {DATA_FIX}")
     if not getattr(tokenizer, "chat_template", None):
@@ -153,7 +158,7 @@ def load_prompts(files: list[str], tokenizer, max_prompt_length: int, prompt_key
     ids = _encode(tokenizer, conversations, [f"data file {path}, row {j}" for path, j, _ in rows])
     samples = [
         Sample(prompt_ids=list(ids[i]), index=i, data_source=row.get("data_source") or "",
-               ground_truth=_ground_truth(row), extra_info=dict(row.get("extra_info") or {}),
+               ground_truth=_ground_truth(row), extra_info=_extra_info(row),
                raw_prompt=conversations[i])
         for i, (_, _, row) in enumerate(rows) if len(ids[i]) <= max_prompt_length
     ]
