@@ -167,7 +167,7 @@ class Policy:
                 kl = A.agg_loss(A.kl_penalty(logp, ref_logp[sl], c.kl_loss_type), mb.response_mask,
                                 c.loss_agg_mode, self.norm_len)
                 loss = loss + c.kl_loss_coef * kl
-                m["kl_loss"] = float(kl)
+                m["kl_loss"] = float(kl.detach())
             finite &= bool(torch.isfinite(loss))
             (loss * (mb.size / n)).backward()
             m.update(pg_loss=float(pg_loss), entropy=float(entropy), loss=float(loss))

@@ -1,0 +1,140 @@
+"""The RL loop on a tiny random model, on CPU: rl_step, weight sync, resume, PPO with a critic, bad input."""
+import asyncio
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hybridrl import HybridRLError
+from hybridrl.config import load_config
+
+REWARD = '''
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    # varied, deterministic rewards so GRPO groups have non-zero advantages
+    return {"score": (len(solution_str) % 5) / 4.0, "length": len(solution_str)}
+'''
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}], "data_source": "toy",
+             "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(a + b)},
+             "extra_info": {"index": a * 10 + b}} for a in range(4) for b in range(4)]
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (d / "val.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:4]))
+    (d / "reward.py").write_text(REWARD)
+    return d
+
+
+def overrides(task, model_dir, run_dir, *extra):
+    return [f"model.path={model_dir}", f"data.train_files=[{task}/train.jsonl]",
+            f"data.val_files=[{task}/val.jsonl]", f"reward.custom_path={task}/reward.py",
+            "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "actor.ppo_micro_batch_size_per_gpu=4",
+            "rollout.n=4", "data.max_response_length=12", "data.max_prompt_length=64", "actor.lr=1e-3",
+            "trainer.device=cpu", "trainer.val_before_train=false", "trainer.logger=[jsonl]",
+            f"trainer.default_local_dir={run_dir}", "rollout.kv_block_size=16", *extra]
+
+
+def build_ctx(cfg):
+    from hybridrl.rewards import load_reward_fn
+    from hybridrl.rollout.base import engine_class
+    from hybridrl.step import RLContext
+    from hybridrl.train import load_inputs, make_kl_ctrl
+    from hybridrl.trainer.actor import Policy
+    model_path, tok, prompts, _ = load_inputs(cfg)
+    actor = Policy(model_path, cfg.model, cfg.actor, torch.device("cpu"))
+    ref = Policy(model_path, cfg.model, cfg.actor, torch.device("cpu"), trainable=False)
+    engine = engine_class("native").from_config(cfg, model_path=model_path)
+    return RLContext(cfg, engine, actor, tok, load_reward_fn(cfg.reward), ref=ref, kl_ctrl=make_kl_ctrl(cfg)), prompts
+
+
+def test_three_steps_change_every_parameter_and_sync(task, tiny_qwen2_dir, tmp_path):
+    from hybridrl.rollout.agent import rollout
+    from hybridrl.rollout.base import SamplingParams
+    from hybridrl.step import rl_step, sync_weights
+    from hybridrl.trainer.batch import collate
+    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, "actor.use_kl_loss=true", "actor.tis_threshold=2.0"))
+
+    async def run():
+        ctx, prompts = build_ctx(cfg)
+        before = {k: v.clone() for k, v in ctx.actor.model.named_parameters()}
+        await sync_weights(ctx)
+        metrics = [await rl_step(ctx, prompts[4 * i:4 * i + 4], step=i + 1) for i in range(3)]
+        # the engine now serves the trained weights: its log-probs equal the trainer's
+        samples = await rollout(ctx.engine, prompts[:4], SamplingParams(max_new_tokens=8, temperature=1.0, seed=3),
+                                ctx.tokenizer)
+        batch = collate(samples, ctx.tokenizer.pad_token_id)
+        train_logp, _ = ctx.actor.log_probs(batch, temperature=1.0)
+        await ctx.engine.close()
+        return ctx, before, metrics, samples, batch, train_logp
+
+    ctx, before, metrics, samples, batch, train_logp = asyncio.run(run())
+    unchanged = [k for k, p in ctx.actor.model.named_parameters() if torch.equal(before[k], p)]
+    assert unchanged == []
+    for m in metrics:
+        bad = {k: v for k, v in m.items() if not torch.isfinite(torch.tensor(float(v)))}
+        assert bad == {}
+    assert ctx.version == 4 and all(s.weight_version == 4 for s in samples)
+    mask = batch.response_mask.bool()
+    assert torch.allclose(train_logp[mask], batch.rollout_logp[mask], atol=1e-4)
+    assert {"timing/gen", "timing/update", "timing/sync", "actor/pg_loss", "rollout/rollout_probs_diff_mean",
+            "actor/kl_loss", "reward/toy/mean"} <= set(metrics[-1])
+
+
+def params_of(path):
+    return load_file(str(path / "actor_hf" / "model.safetensors"))
+
+
+def test_resume_matches_uninterrupted_run(task, tiny_qwen2_dir, tmp_path):
+    from hybridrl.train import train
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(load_config(overrides(task, tiny_qwen2_dir, straight, "trainer.total_training_steps=6")))
+    train(load_config(overrides(task, tiny_qwen2_dir, split, "trainer.total_training_steps=4",
+                                "trainer.save_freq=2")))
+    out = train(load_config(overrides(task, tiny_qwen2_dir, split, "trainer.total_training_steps=6")))
+    a, b = params_of(straight), params_of(split)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (split / "reward_curve.png").stat().st_size > 1000 and out["checkpoint"].endswith("step_000006")
+
+
+def test_ppo_with_critic_end_to_end(task, tiny_llama_dir, tmp_path):
+    from hybridrl.train import train
+    out = train(load_config(overrides(task, tiny_llama_dir, tmp_path, "algorithm.adv_estimator=gae",
+                                      "trainer.total_training_steps=2", "algorithm.lam=0.95")))
+    rows = [json.loads(line) for line in open(out["metrics"])]
+    assert "critic/vf_loss" in rows[-1] and torch.isfinite(torch.tensor(rows[-1]["critic/vf_loss"]))
+    assert "val/reward/mean" in rows[-1]
+
+
+def test_resume_path_missing_and_unwritable_dir(task, tiny_qwen2_dir, tmp_path):
+    from hybridrl.train import train
+    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path / "r", "trainer.resume_mode=resume_path",
+                                f"trainer.resume_from_path={tmp_path}/nope"))
+    with pytest.raises(HybridRLError, match="resume_from_path"):
+        train(cfg)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(HybridRLError, match="default_local_dir"):
+        train(load_config(overrides(task, tiny_qwen2_dir, blocker / "run")))
+
+
+def test_nan_loss_skips_then_stops(task, tiny_qwen2_dir, tmp_path):
+    from hybridrl.trainer.actor import Policy
+    from hybridrl.trainer.batch import collate
+    from hybridrl.types import Sample
+    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, "actor.max_nan_steps=2"))
+    policy = Policy(tiny_qwen2_dir, cfg.model, cfg.actor, torch.device("cpu"))
+    s = Sample(prompt_ids=[1, 2, 3])
+    s.append([4, 5], [-1.0, -1.0])
+    batch = collate([s, s], pad_id=0)
+    old = torch.zeros(2, 2)
+    before = [p.clone() for p in policy.model.parameters()]
+    policy.update(batch, old, torch.full((2, 2), float("nan")), None, 1.0, 2)   # skipped, logged
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
+    with pytest.raises(HybridRLError, match="non-finite"):
+        policy.update(batch, old, torch.full((2, 2), float("nan")), None, 1.0, 2)
