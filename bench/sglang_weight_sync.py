@@ -158,20 +158,24 @@ async def weight_sync(engine, named, trials: int, smoke: bool) -> dict:
     info = await engine.model_info()
     res["final_version_ours"], res["final_version_server"] = version, info.get("weight_version")
     res["version_matches"] = str(info.get("weight_version")) == str(version)
-    return res, version
-
-
-async def run(args, engine, named, vocab: int) -> dict:
-    n, plen, new = (16, 16, 16) if args.smoke else (args.requests, args.prompt_len, args.new_tokens)
-    res = {"warmup": await rollout(engine, 8, 16, 8, vocab)}
-    res["rollout"] = await rollout(engine, n, plen, new, vocab)
-    res["rollout_repeat"] = await rollout(engine, n, plen, new, vocab)
-    res["colocated"] = await colocated_cycle(engine, named, version=1)
-    res["after_cycle"] = await rollout(engine, 64 if not args.smoke else 8, plen, 64 if not args.smoke else 8, vocab)
-    res["sync"], version = await weight_sync(engine, named, args.trials, args.smoke)
-    res["after_sync"] = await rollout(engine, 64 if not args.smoke else 8, plen, 32, vocab)
-    res["after_sync"]["expected_version"] = version
     return res
+
+
+async def run(args, engine, named, vocab: int, res: dict) -> None:
+    """Fills `res` step by step, so a failure still leaves the figures measured before it."""
+    n, plen, new = (16, 16, 16) if args.smoke else (args.requests, args.prompt_len, args.new_tokens)
+    small = 8 if args.smoke else 64
+    steps = [("warmup", lambda: rollout(engine, 8, 16, 8, vocab)),
+             ("rollout", lambda: rollout(engine, n, plen, new, vocab)),
+             ("rollout_repeat", lambda: rollout(engine, n, plen, new, vocab)),
+             ("colocated", lambda: colocated_cycle(engine, named, version=1)),
+             ("after_cycle", lambda: rollout(engine, small, plen, small, vocab)),
+             ("sync", lambda: weight_sync(engine, named, args.trials, args.smoke)),
+             ("after_sync", lambda: rollout(engine, small, plen, 32, vocab))]
+    for name, step in steps:
+        res[name] = await step()
+        print(name, json.dumps(res[name]), flush=True)
+    res["after_sync"]["expected_version"] = res["sync"]["final_version_ours"]
 
 
 def smoke_model(out: Path) -> tuple[str, dict]:
@@ -225,14 +229,14 @@ def main() -> None:
     named = qwen_named_tensors(mcfg, device, torch.bfloat16 if device == "cuda" else torch.float32)
     res["model_bytes_GB"] = round(sum(nbytes(t) for _, t in named) / 1e9, 3)
     try:
-        res.update(asyncio.run(run(args, engine, named, mcfg["vocab_size"])))
+        asyncio.run(run(args, engine, named, mcfg["vocab_size"], res))
     except BaseException as e:
         res["error"] = f"{type(e).__name__}: {e}"[:3000]
         raise
     finally:
+        res["client_retries"] = engine.client.retried[:20]
         asyncio.run(engine.close())
         (out / "sglang_weight_sync.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
     print(table(res))
 
 

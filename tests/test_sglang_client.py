@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -31,10 +32,10 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def start_app(routes) -> tuple[web.AppRunner, str]:
+async def start_app(routes, **runner_kw) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.add_routes(routes)
-    runner = web.AppRunner(app, shutdown_timeout=0.2)
+    runner = web.AppRunner(app, shutdown_timeout=0.2, **runner_kw)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -83,6 +84,25 @@ def test_retries_on_dropped_connections():
             await client.close()
             await runner.cleanup()
     assert run(main()) == {"n": 3}
+
+
+def test_idle_pooled_connections_expire_before_the_servers_keepalive():
+    """SGLang's uvicorn drops idle connections after 5 s; reusing one whose close the client has not yet
+    processed failed a weight push on the GPU with "Server disconnected"."""
+    async def handler(request):
+        return web.json_response({"ok": True})
+
+    async def main():
+        runner, url = await start_app([web.post("/x", handler)], keepalive_timeout=0.5)
+        client = HTTPClient(url, timeout=10, retries=0, keepalive=0.2)
+        try:
+            await client.post("/x")
+            time.sleep(0.8)         # loop blocked (as by a slow import): the server's FIN is not seen yet
+            return await client.post("/x")
+        finally:
+            await client.close()
+            await runner.cleanup()
+    assert run(main()) == {"ok": True}
 
 
 def test_4xx_is_not_retried_and_carries_the_reason():

@@ -158,8 +158,9 @@ class SGLangEngine:
         """Push every bucket with `version`, flush the cache, then check the server reports `version`."""
         if self.weight_sync == "tensor":
             for bucket in buckets:
-                body, keep = weights.tensor_body(bucket, version, native=self.native,
-                                                 api_version=self.api_version, tp_size=self.tp_size)
+                body, keep = await asyncio.to_thread(      # serializing (and importing sglang) off the loop
+                    weights.tensor_body, bucket, version, native=self.native,
+                    api_version=self.api_version, tp_size=self.tp_size)
                 await self._push("/update_weights_from_tensor", body, sync.bucket_label(bucket))
                 del keep                            # CUDA IPC sources may go only after the server replied
         elif self.weight_sync == "disk":
@@ -176,7 +177,8 @@ class SGLangEngine:
 
     async def _push(self, path: str, body: dict, label: str) -> None:
         try:
-            reply = await self._call("POST", path, body, timeout=self.update_timeout, retries=0)
+            # one retry: a push is idempotent (same tensors, same version), a dropped socket is not fatal
+            reply = await self._call("POST", path, body, timeout=self.update_timeout, retries=1)
         except ServerError as e:
             raise HybridRLError(f"the server refused weights [{label}] at {path}: {e.reason}") from None
         except HybridRLError as e:
@@ -236,8 +238,10 @@ class SGLangEngine:
         """One client call; when our launched server has died, say so with its log's last lines."""
         try:
             return await self.client.request(method, path, body, **kw)
+        except (ServerError, RequestTimeout):
+            raise                                   # the server answered, or is still working
         except HybridRLError as e:
-            if self.process is not None and not self.process.alive:
+            if self.process is not None and await asyncio.to_thread(self.process.exited_within, 3.0):
                 raise HybridRLError(f"{e}\nthe rollout server exited with code {self.process.proc.returncode}; "
                                     f"last lines of {self.process.log_path}:\n{self.process.log_tail()}") from None
             raise

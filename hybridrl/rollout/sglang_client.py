@@ -17,6 +17,7 @@ import uuid
 from hybridrl import HybridRLError
 
 RETRY_STATUSES = range(500, 600)
+KEEPALIVE_S = 2.0
 
 
 class RequestTimeout(HybridRLError):
@@ -49,12 +50,13 @@ def reason_of(text: str) -> str:
 
 class HTTPClient:
     def __init__(self, base_url: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.5, max_connections: int = 1024):
+                 retries: int = 3, backoff: float = 0.5, max_connections: int = 1024, keepalive: float = KEEPALIVE_S):
         self.base_url = base_url.rstrip("/")
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.retries, self.backoff = retries, backoff
-        self.max_connections = max_connections
+        self.max_connections, self.keepalive = max_connections, keepalive
         self._session, self._loop = None, None
+        self.retried: list[str] = []     # "path: error" of each retried attempt (diagnostics, benchmarks)
 
     def _get_session(self):
         """One pooled session per event loop (a new asyncio.run gets a new session)."""
@@ -63,7 +65,9 @@ class HTTPClient:
         if self._session is None or self._session.closed or self._loop is not loop:
             _drop(self._session)
             self._loop = loop
-            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30)
+            # Idle pooled connections are dropped before the server's keep-alive (uvicorn, SGLang: 5 s)
+            # closes them, or a request sent on a half-closed socket fails with "Server disconnected".
+            connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=self.keepalive)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
@@ -96,6 +100,7 @@ class HTTPClient:
                 if e.status not in RETRY_STATUSES:
                     raise
                 last = e
+                self.retried.append(f"{path}: {e}")
             except Exception as e:
                 if not _is_connection_error(e):
                     if isinstance(e, asyncio.TimeoutError):
@@ -104,6 +109,7 @@ class HTTPClient:
                             f"(request id {rid}): raise rollout.request_timeout or check the server") from None
                     raise
                 last = e
+                self.retried.append(f"{path}: {type(e).__name__}: {e}")
         raise HybridRLError(f"{method} {self.base_url}{path} failed after {retries + 1} attempts "
                             f"(request id {rid}): {type(last).__name__}: {last}") from last
 

@@ -110,6 +110,14 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def exited_within(self, timeout: float) -> bool:
+        """True if the child has exited or does so within `timeout` seconds (it may be going down right now)."""
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def log_tail(self, n: int = 30) -> str:
         try:
             with open(self.log_path, "rb") as fh:
