@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     ap.add_argument("--eager", action="store_true", help="native engine without CUDA graphs")
+    ap.add_argument("--no-triton", action="store_true", help="native decode attention in torch (gather) instead")
     ap.add_argument("--profile", action="store_true", help="also print ms per decode phase at the largest batch")
     ap.add_argument("--out", default="rollout_throughput.json")
     a = ap.parse_args()
@@ -180,6 +181,7 @@ def main() -> None:
         engine = NativeEngine(path, device=str(device), max_num_seqs=max(batches), max_model_len=max_len,
                               kv_cache_tokens=None if device.type == "cuda" else max(batches) * max_len,
                               enforce_eager=a.eager)
+        engine.runner.use_triton = engine.runner.use_triton and not a.no_triton
         for b in batches:
             run_native(engine, prompts[:b], a.new_tokens)                 # warm-up: graphs, allocator
             dt = run_native(engine, prompts[:b], a.new_tokens)
@@ -189,6 +191,9 @@ def main() -> None:
             rows[max(batches)]["native_decode_ms"] = profile_decode(engine, prompts[:max(batches)],
                                                                     min(64, a.new_tokens - 2))
             print(f"native decode phases at batch {max(batches)} (ms/step): {rows[max(batches)]['native_decode_ms']}")
+        from hybridrl.rollout.native.sampler import fused_ok
+        paths = {"triton_decode_attention": engine.runner.use_triton, "fused_sampler": engine.device.type == "cuda"
+                 and fused_ok(), "cuda_graphs": engine.runner.use_graphs}
         asyncio.run(engine.close())
 
     report = {
@@ -196,7 +201,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "command": " ".join(["python"] + sys.argv), "shape": a.shape, "dtype": str(dtype).replace("torch.", ""),
-        "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "cuda_graphs": device.type == "cuda" and not a.eager,
+        "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, **paths,
         "results": list(rows.values()),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

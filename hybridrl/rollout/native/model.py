@@ -89,17 +89,19 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_cache(args: ModelArgs, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [max_len, D/2] float32, the same numbers HF computes (positions x inv_freq in fp32)."""
+    """cos [max_len, D] and signed sin [max_len, D] (= cat(-sin, sin)), float32, from the same
+    angles HF computes (positions x inv_freq in fp32), laid out for `apply_rope`."""
     inv = rope_inv_freq(args)
     freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv[None, :]
-    return freqs.cos().to(device), freqs.sin().to(device)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), -1).to(device), torch.cat((-sin, sin), -1).to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; cos, sin: [T, D/2] (rotate-half layout, as in HF)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, D]; cos, sin_signed: [T, 1, D] in x's dtype. HF's x*cos + rotate_half(x)*sin in 3 kernels:
+    # rotate_half(x) * sin == cat(x2, x1) * cat(-sin, sin)
     x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin_signed)
 
 
 class RMSNorm(nn.Module):
@@ -109,9 +111,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # one fused kernel; in float32 the same math as HF's (x * rsqrt(mean(x^2) + eps)) * w
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -127,11 +128,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttnMeta):
         # x: [T, hidden]; k_cache, v_cache: [num_blocks, block_size, Hkv, D]
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q, k, v = q.view(t, self.h, self.d), k.view(t, self.hkv, self.d), v.view(t, self.hkv, self.d)
+        qk, v = self.qkv_proj(x).split([(self.h + self.hkv) * self.d, self.hkv * self.d], dim=-1)
+        qk, v = qk.view(t, self.h + self.hkv, self.d), v.view(t, self.hkv, self.d)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat((self.q_norm(qk[:, :self.h]), self.k_norm(qk[:, self.h:])), dim=1)
+        q, k = apply_rope(qk, cos, sin).split([self.h, self.hkv], dim=1)     # q and k rotated together
         k_cache.view(-1, self.hkv, self.d).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, self.hkv, self.d).index_copy_(0, meta.slot_mapping, v)
         if meta.is_prefill:
@@ -183,16 +184,17 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
         if a.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rope_cos: torch.Tensor | None = None      # [max_len, D/2], set by the runner
+        self.rope_cos: torch.Tensor | None = None      # [max_len, D], set by the runner
         self.rope_sin: torch.Tensor | None = None
 
     def forward(self, input_ids, positions, kv, meta: AttnMeta):
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.model.embed_tokens(input_ids)
+        cos = self.rope_cos[positions].to(x.dtype)[:, None, :]     # [T, 1, D]
+        sin = self.rope_sin[positions].to(x.dtype)[:, None, :]
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, kv[i, 0], kv[i, 1], meta)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [B, hidden] -> [B, V] float32
-        return self.lm_head(hidden).float()
+        # hidden: [B, hidden] -> [B, V] in the model dtype (the sampler reads it as float32)
+        return self.lm_head(hidden)
