@@ -162,12 +162,15 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="native engine without CUDA graphs")
     ap.add_argument("--no-triton", action="store_true", help="native decode attention in torch (gather) instead")
     ap.add_argument("--profile", action="store_true", help="also print ms per decode phase at the largest batch")
+    ap.add_argument("--threads", type=int, default=0, help="CPU: torch threads (0 = torch's default)")
     ap.add_argument("--out", default="rollout_throughput.json")
     a = ap.parse_args()
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           "cpu" if a.device == "auto" else a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in a.batches.split(",")]
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
