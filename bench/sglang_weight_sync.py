@@ -6,7 +6,8 @@
 On the GPU: launches `sglang.launch_server` through `SGLangEngine.from_config` (load_format dummy,
 memory saver, triton attention), then
   1. rollout: 256 requests x (128 random prompt ids + 256 forced new tokens), one HTTP request
-     each, all in flight at once, log-probs on; tokens/s = generated tokens / wall time;
+     each, all in flight at once, log-probs on; tokens/s = generated tokens / wall time
+     (also 64 requests and 1 request);
   2. the colocated cycle: sleep(all) (freed GPU memory read by torch.cuda.mem_get_info in this
      process), wake(["weights"]), update_weights(whole model, version 1), wake(["kv_cache"]);
   3. weight sync of the whole model (0.99 GB bf16 random tensors on the GPU) through our
@@ -168,6 +169,8 @@ async def run(args, engine, named, vocab: int, res: dict) -> None:
     steps = [("warmup", lambda: rollout(engine, 8, 16, 8, vocab)),
              ("rollout", lambda: rollout(engine, n, plen, new, vocab)),
              ("rollout_repeat", lambda: rollout(engine, n, plen, new, vocab)),
+             ("rollout_64", lambda: rollout(engine, min(n, 64), plen, new, vocab)),
+             ("rollout_1", lambda: rollout(engine, 1, plen, new, vocab)),
              ("colocated", lambda: colocated_cycle(engine, named, version=1)),
              ("after_cycle", lambda: rollout(engine, small, plen, small, vocab)),
              ("sync", lambda: weight_sync(engine, named, args.trials, args.smoke)),
@@ -187,7 +190,9 @@ def smoke_model(out: Path) -> tuple[str, dict]:
 def table(res: dict) -> str:
     r, c, s = res["rollout_repeat"], res["colocated"], res["sync"]
     rows = [("server start (launch → healthy)", f"{res['start_s']:.1f} s"),
-            (f"rollout {r['requests']} req x ({r['prompt']} + {r['new']} new), log-probs", f"{r['tok_s']:,.0f} tok/s"),
+            (f"rollout {r['requests']} req x ({r['prompt']} + {r['new']} new), log-probs",
+             f"{r['tok_s']:,.0f} tok/s (first run {res['rollout']['tok_s']:,.0f})"),
+            ("rollout 64 / 1 requests", f"{res['rollout_64']['tok_s']:,.0f} / {res['rollout_1']['tok_s']:,.0f} tok/s"),
             ("sleep (release weights + kv_cache)", f"{c['sleep_s']:.3f} s, frees {c['sleep_freed_GB']} GB"),
             ("wake weights / wake kv_cache", f"{c['wake_weights_s']:.3f} s / {c['wake_kv_cache_s']:.3f} s"),
             ("push after wake (whole model, 1 bucket)", f"{c['push_after_wake_s']:.3f} s"),

@@ -93,9 +93,12 @@ class SGLangEngine:
         try:
             info = launcher.get_info(url, compat.SERVER_INFO_PATHS)
             info["weight_version"] = launcher.get_info(url, compat.MODEL_INFO_PATHS).get("weight_version")
-            return cls(url, info, process=process, model_path=model_path, weight_sync=r.weight_sync,
-                       tp_size=r.tensor_model_parallel_size, request_timeout=r.request_timeout,
-                       update_timeout=max(r.request_timeout, 60.0), run_dir=run_dir)
+            engine = cls(url, info, process=process, model_path=model_path, weight_sync=r.weight_sync,
+                         tp_size=r.tensor_model_parallel_size, request_timeout=r.request_timeout,
+                         update_timeout=max(r.request_timeout, 60.0), run_dir=run_dir)
+            if r.weight_sync == "tensor" and not engine.native:
+                weights.sglang_serializer()      # import sglang here (~10 s), not inside the first weight push
+            return engine
         except BaseException:
             if process is not None:
                 process.stop()

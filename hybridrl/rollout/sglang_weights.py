@@ -25,7 +25,7 @@ def tensor_body(bucket, version: int, *, native: bool, api_version, tp_size: int
     if native:
         return {**base, "serialized_named_tensors": [sync.encode_cpu_bucket(bucket)],
                 "load_format": sync.CPU_LOAD_FORMAT}, None
-    serialize = _sglang_serializer()
+    serialize = sglang_serializer()
     if compat.supports_flattened_bucket(api_version):
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
         flat = FlattenedTensorBucket(named_tensors=list(bucket))
@@ -40,7 +40,7 @@ def tensor_body(bucket, version: int, *, native: bool, api_version, tp_size: int
     return {**base, "serialized_named_tensors": payloads, "load_format": None}, named
 
 
-def _sglang_serializer():
+def sglang_serializer():
     """SGLang's CUDA-IPC pickler, with torch's reductions patched so handles carry the device uuid."""
     try:
         from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
