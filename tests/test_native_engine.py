@@ -185,6 +185,22 @@ def test_update_weights(tiny_qwen2_dir):
     assert eng.weight_version == 8
 
 
+def test_update_weights_mid_generation_keeps_requests(tiny_qwen2_dir):
+    from hybridrl.rollout.native.loader import safetensors_weights
+    eng = NativeEngine(tiny_qwen2_dir, device="cpu", kv_cache_tokens=1024)
+    (expected,) = run_all(eng, [PROMPTS[0]], greedy(max_new=60))[0]
+    same = list(safetensors_weights(tiny_qwen2_dir))
+
+    async def main():
+        task = asyncio.create_task(eng.generate(PROMPTS[0], greedy(max_new=60)))
+        while eng.stats["decode_steps"] < 70:          # the second request is decoding
+            await asyncio.sleep(0.001)
+        await eng.update_weights([same], 3)            # between two decode steps
+        return await task
+    (out,) = asyncio.run(main())
+    assert out.output_ids == expected.output_ids and out.weight_version == 3
+
+
 def test_sleep_wake_round_trip(engine):
     before = run_all(engine, PROMPTS, greedy())
 

@@ -33,18 +33,19 @@ def available_ram() -> int:
 
 def pool_tokens(a: ModelArgs, dtype, device: torch.device, *, kv_cache_tokens: int | None,
                 gpu_memory_utilization: float, max_num_seqs: int, max_model_len: int) -> int:
-    """How many tokens the pool holds: the explicit number, else a share of free device memory (GPU)
-    or enough for max_num_seqs x min(max_model_len, 2048) tokens capped at 20% of free RAM (CPU)."""
+    """How many tokens the pool holds.
+
+    GPU: kv_cache_tokens, else gpu_memory_utilization of the free memory (after the weights), at
+    most max_num_seqs x max_model_len. CPU: kv_cache_tokens, else max_num_seqs x min(max_model_len,
+    2048); either way at most 10% of the available RAM (the pool is zeroed, so it is all resident)."""
     per_token = bytes_per_token(a, dtype)
-    if kv_cache_tokens is not None:
-        return int(kv_cache_tokens)
     if device.type == "cuda":
+        if kv_cache_tokens is not None:
+            return int(kv_cache_tokens)
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * gpu_memory_utilization)
-    else:
-        budget = int(available_ram() * 0.2)
-    wanted = max_num_seqs * min(max_model_len, 2048) if device.type != "cuda" else max_num_seqs * max_model_len
-    return max(0, min(wanted, budget // per_token))
+        return max(0, min(max_num_seqs * max_model_len, int(free * gpu_memory_utilization) // per_token))
+    wanted = kv_cache_tokens if kv_cache_tokens is not None else max_num_seqs * min(max_model_len, 2048)
+    return max(0, min(int(wanted), int(available_ram() * 0.1) // per_token))
 
 
 def allocate_pool(a: ModelArgs, num_blocks: int, block_size: int, dtype, device) -> torch.Tensor:
