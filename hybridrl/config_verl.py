@@ -60,7 +60,8 @@ VERL_PREFIXES: list[tuple[str, str]] = [
 
 # verl's defaults where they differ from ours and change the algorithm: `python -m hybridrl.main_ppo` starts
 # from these (then the YAML file, then the overrides), so a verl command that leaves them out means what it did there.
-VERL_DEFAULTS = ("algorithm.adv_estimator=gae", "rollout.n=1")
+VERL_DEFAULTS = ("algorithm.adv_estimator=gae", "rollout.n=1", "rollout.free_cache_engine=true",
+                 "rollout.use_rollout_log_probs=false", "actor.lr=1e-6", "trainer.test_freq=-1")
 
 ANY = None  # every value behaves as in verl: accepted silently
 # verl key -> values that need no warning (we already behave that way), or ANY

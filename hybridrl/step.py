@@ -154,11 +154,11 @@ def step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg) -> dict:
         r = torch.tensor([s.reward for s in samples if s.data_source == src])
         m[f"reward/{src}/mean"] = float(r.mean())
         m[f"reward/{src}/std"] = float(r.std()) if len(r) > 1 else 0.0
-    m["actor/entropy"] = float(A.masked_mean(entropy, mask)) if mask.any() else 0.0
     m["adv/mean"] = float(A.masked_mean(adv, mask)) if mask.any() else 0.0
     if ref_logp is not None:
         m["actor/ref_kl"] = float(A.masked_mean(A.kl_penalty(old_logp, ref_logp, "low_var_kl"), mask))
     if mask.any() and not cfg.rollout.use_rollout_log_probs:
+        m["actor/entropy_old"] = float(A.masked_mean(entropy, mask))
         m.update({f"rollout/{k}": v for k, v in
                   A.rollout_mismatch_metrics(old_logp, batch.rollout_logp, mask).items()})
     return m

@@ -126,7 +126,7 @@ def default_task_files(val_files: list[str]) -> tuple[list[str], list[str]]:
     return [paths["train"]], val_files or [paths["val"]]
 
 
-DEFAULT_TASK = dict(task="basic_arithmetic", size=512, seed=0, val_size=64,
+DEFAULT_TASK = dict(task="basic_arithmetic", size=128, seed=0, val_size=64,
                     min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=("+", "-"))
 
 

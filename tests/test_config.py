@@ -158,8 +158,8 @@ def test_bad_values(override, match):
 
 
 def test_cross_field_rules():
-    with pytest.raises(HybridRLError, match="multiple of actor.ppo_mini_batch_size=8"):
-        load_config(["data.train_batch_size=12"])
+    with pytest.raises(HybridRLError, match="multiple of actor.ppo_mini_batch_size=4"):
+        load_config(["data.train_batch_size=10"])
     assert load("data.train_batch_size=24").data.train_batch_size == 24
     with pytest.raises(HybridRLError, match="disagree"):
         load_config(["data.max_prompt_length=100", "rollout.prompt_length=200"])

@@ -55,7 +55,8 @@ def test_three_steps_change_every_parameter_and_sync(task, tiny_qwen2_dir, tmp_p
     from hybridrl.rollout.base import SamplingParams
     from hybridrl.step import rl_step, sync_weights
     from hybridrl.trainer.batch import collate
-    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, "actor.use_kl_loss=true", "actor.tis_threshold=2.0"))
+    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, "actor.use_kl_loss=true", "actor.tis_threshold=2.0",
+                                      "rollout.use_rollout_log_probs=false"))
 
     async def run():
         ctx, prompts = build_ctx(cfg)
