@@ -90,7 +90,9 @@ class Scheduler:
             n, length = seq.n_fork, seq.num_tokens
             need = self.bm.blocks_for(length) + (n - 1 if length % self.bm.block_size else 0)
             padded = (len(batch) + 1) * max(longest, length)
-            if seats + n > self.max_num_seqs or need > self.bm.num_free:
+            # keep a block per sequence in reserve for decoding, unless the engine would sit idle
+            reserve = seats + n if (self.running or batch) else 0
+            if seats + n > self.max_num_seqs or need + reserve > self.bm.num_free:
                 break
             if batch and padded > self.max_num_batched_tokens:
                 break
