@@ -170,7 +170,7 @@ class Policy:
                 m["kl_loss"] = float(kl.detach())
             finite &= bool(torch.isfinite(loss))
             (loss * (mb.size / n)).backward()
-            m.update(pg_loss=float(pg_loss), entropy=float(entropy), loss=float(loss))
+            m.update(pg_loss=float(pg_loss.detach()), entropy=float(entropy.detach()), loss=float(loss.detach()))
             for k, v in m.items():
                 stats.setdefault(k, []).append(float(v))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
