@@ -341,6 +341,17 @@ def test_launched_server_abort_and_cancel(fake_server):
     run(main())
 
 
+def test_attach_to_a_running_server_leaves_it_running(fake_server):
+    cfg = Config()
+    cfg.rollout.server_url = fake_server.url + "/"
+    attached = SGLangEngine.from_config(cfg)
+    assert attached.process is None and attached.native
+    out = run(attached.generate([7], SamplingParams(max_new_tokens=4, temperature=0.0)))[0]
+    assert out.finish_reason == "length" and len(out.output_ids) == 4 and len(out.logprobs) == 4
+    run(attached.close())
+    assert fake_server.process.alive                    # closing an attached engine stops nothing
+
+
 def test_server_dying_mid_request_is_a_clear_error(fake_server):
     engine = fake_server
 

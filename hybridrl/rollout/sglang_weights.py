@@ -61,7 +61,9 @@ def disk_body(buckets, version: int, out_dir: str, config_src: str = "") -> tupl
     if src and os.path.exists(src):
         with open(src, "rb") as a, open(os.path.join(out_dir, "config.json"), "wb") as b:
             b.write(a.read())
-    body = {"model_path": out_dir, "weight_version": str(version), "flush_cache": False, "abort_all_requests": False}
+    # load_format must be explicit: left out, SGLang reuses the launch format (`dummy` → random weights again)
+    body = {"model_path": out_dir, "load_format": "auto", "weight_version": str(version), "flush_cache": False,
+            "abort_all_requests": False}
     return body, names
 
 
