@@ -190,6 +190,34 @@ def test_cancel_sends_abort_for_the_request_id():
     assert aborted == [{"rid": "r1", "abort_all": False}]
 
 
+def test_sleep_and_wake_send_each_tag_once():
+    calls = []
+
+    def route(path):
+        async def handler(request):
+            calls.append((path, (await request.json())["tags"]))
+            return web.json_response(None)
+        return web.post(path, handler)
+
+    async def main():
+        runner, url = await start_app([route("/release_memory_occupation"), route("/resume_memory_occupation")])
+        engine = SGLangEngine(url, INFO)
+        try:
+            await engine.wake(["weights"])                 # first sync of a fresh server: nothing is released
+            await engine.sleep()
+            await engine.sleep(["kv_cache"])
+            await engine.wake(["weights"])
+            await engine.wake(["kv_cache", "weights"])
+            with pytest.raises(HybridRLError, match="unknown memory tags"):
+                await engine.sleep(["gpu"])
+        finally:
+            await engine.close()
+            await runner.cleanup()
+    run(main())
+    assert calls == [("/release_memory_occupation", ["weights", "kv_cache"]),
+                     ("/resume_memory_occupation", ["weights"]), ("/resume_memory_occupation", ["kv_cache"])]
+
+
 # ---- version shims ----------------------------------------------------------------------------
 def test_version_check_and_shims():
     assert compat.parse_version("0.5.17.post1") == (0, 5, 17)

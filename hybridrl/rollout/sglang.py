@@ -77,6 +77,7 @@ class SGLangEngine:
         self.weight_version = version_int(info.get("weight_version"), 0)
         self.client = HTTPClient(url, timeout=request_timeout, retries=retries, backoff=backoff)
         self._nccl = None            # (group_name, trainer-side process group) after init_nccl
+        self._released: set[str] = set()   # memory tags released by sleep() (this client is the only controller)
 
     @classmethod
     def from_config(cls, cfg, model_path: str | None = None, *, launch_cmd: list[str] | None = None,
@@ -134,16 +135,28 @@ class SGLangEngine:
 
     # ---- memory -----------------------------------------------------------------------------
     async def sleep(self, tags: Sequence[str] = TAGS) -> None:
-        await self._call("POST", "/release_memory_occupation", self._tags_body(tags), timeout=self.update_timeout)
+        """Release the tags not yet released (SGLang's scheduler must not see a tag twice)."""
+        todo = [t for t in self._check_tags(tags) if t not in self._released]
+        if todo:
+            await self._call("POST", "/release_memory_occupation", self._tags_body(todo), timeout=self.update_timeout)
+            self._released.update(todo)
 
     async def wake(self, tags: Sequence[str] = TAGS) -> None:
-        await self._call("POST", "/resume_memory_occupation", self._tags_body(tags), timeout=self.update_timeout)
+        """Resume only released tags: resuming a live tag crashes SGLang 0.5.17's scheduler (KeyError)."""
+        todo = [t for t in self._check_tags(tags) if t in self._released]
+        if todo:
+            await self._call("POST", "/resume_memory_occupation", self._tags_body(todo), timeout=self.update_timeout)
+            self._released.difference_update(todo)
 
-    def _tags_body(self, tags: Sequence[str]) -> dict:
+    @staticmethod
+    def _check_tags(tags: Sequence[str]) -> list[str]:
         bad = [t for t in tags if t not in TAGS]
         if bad:
             raise HybridRLError(f"unknown memory tags {bad}: use {list(TAGS)}")
-        return {"tags": list(tags)} if compat.supports_memory_tags(self.api_version) else {}
+        return list(tags)
+
+    def _tags_body(self, tags: list[str]) -> dict:
+        return {"tags": tags} if compat.supports_memory_tags(self.api_version) else {}
 
     async def flush_cache(self, attempts: int = 20) -> None:
         """Drop the prefix cache; SGLang refuses (400) while requests run, so retry a bounded number of times."""
