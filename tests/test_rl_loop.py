@@ -139,3 +139,33 @@ def test_nan_loss_skips_then_stops(task, tiny_qwen2_dir, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
     with pytest.raises(HybridRLError, match="non-finite"):
         policy.update(batch, old, torch.full((2, 2), float("nan")), None, 1.0, 2)
+
+
+def test_truncated_and_equal_reward_steps_warn(capsys):
+    from hybridrl.train import warn_step
+    warn_step({"response_length/clip_ratio": 1.0, "reward/std": 0.0, "reward/mean": 0.0}, step=3)
+    err = capsys.readouterr().out + capsys.readouterr().err
+    assert "every response hit rollout.response_length" in err and "all rewards equal" in err
+    warn_step({"response_length/clip_ratio": 0.5, "reward/std": 0.3}, step=4)
+    assert capsys.readouterr().out == ""
+
+
+def test_all_equal_rewards_give_zero_advantage_and_no_update(task, tiny_qwen2_dir, tmp_path):
+    """A GRPO step whose groups all score the same moves nothing (and does not crash)."""
+    from hybridrl.step import rl_step, sync_weights
+    (tmp_path / "flat.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                                      "    return 0.5\n")
+    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, f"reward.custom_path={tmp_path}/flat.py"))
+
+    async def run():
+        ctx, prompts = build_ctx(cfg)
+        ctx.ref = None
+        await sync_weights(ctx)
+        before = {k: v.clone() for k, v in ctx.actor.model.named_parameters()}
+        m = await rl_step(ctx, prompts[:4], step=1)
+        await ctx.engine.close()
+        return ctx, before, m
+
+    ctx, before, m = asyncio.run(run())
+    assert m["reward/std"] == 0.0 and m["adv/mean"] == 0.0
+    assert all(torch.equal(before[k], p) for k, p in ctx.actor.model.named_parameters())
