@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from typing import Iterable, Sequence
 
 from hybridrl import HybridRLError, sync
@@ -110,6 +111,14 @@ class SGLangEngine:
                        request_id: str | None = None) -> list[GenerateOutput]:
         sampling.validate()
         rid = request_id or uuid.uuid4().hex
+        if sampling.seed is not None and sampling.n > 1 and not self.native:
+            # SGLang seeds by (seed, position): n parallel samples sharing one seed would be identical
+            # under --enable-deterministic-inference. Send n requests with their own seeds instead;
+            # the radix cache still shares the prompt's prefill.
+            parts = await asyncio.gather(*(
+                self.generate(input_ids, replace(sampling, n=1, seed=(sampling.seed * 7919 + i) % (2**31 - 1)),
+                              f"{rid}-{i}") for i in range(sampling.n)))
+            return [o for part in parts for o in part]
         body = {"input_ids": list(input_ids), "sampling_params": sampling_body(sampling),
                 "return_logprob": True, "rid": rid}
         try:
