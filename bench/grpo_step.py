@@ -39,8 +39,8 @@ def make_inputs(root: Path, size: str, n_prompts: int) -> tuple[str, str, str]:
         qwen25_tokenizer().save_pretrained(model_dir)
     rng = random.Random(0)
     rows = [{"prompt": [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(110))}],
-             "data_source": "bench", "reward_model": {"style": "rule", "ground_truth": ""}, "extra_info": {}}
-            for _ in range(n_prompts * 4)]
+             "data_source": "bench", "reward_model": {"style": "rule", "ground_truth": ""}, "extra_info": {"i": i}}
+            for i in range(n_prompts * 4)]
     write_rows(rows, str(root / "prompts.parquet"))
     (root / "reward.py").write_text(REWARD)
     return str(model_dir), str(root / "prompts.parquet"), str(root / "reward.py")
