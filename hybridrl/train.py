@@ -196,9 +196,14 @@ def save_checkpoint(cfg: Config, run_dir: Path, step: int, ctx: RLContext, loade
 
 
 def finish(run_dir: Path, ctx: RLContext, last_ckpt: Path | None) -> dict:
-    export = ckpt.export_hf(ctx.actor.model, ctx.tokenizer, run_dir / "actor_hf")
-    plot = plot_run(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")
-    out = {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "plot": str(plot),
-           "checkpoint": str(last_ckpt), "export": str(export)}
+    """Export the actor and draw the plot; a failure here is reported, never fatal (the checkpoint is saved)."""
+    out = {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "checkpoint": str(last_ckpt)}
+    for key, make in (("export", lambda: ckpt.export_hf(ctx.actor.model, ctx.tokenizer, run_dir / "actor_hf")),
+                      ("plot", lambda: plot_run(run_dir / "metrics.jsonl", run_dir / "reward_curve.png"))):
+        try:
+            out[key] = str(make())
+        except Exception as e:  # noqa: BLE001 - the run is done; say what is missing and go on
+            out[key] = None
+            tqdm.write(f"warning: {key} failed ({type(e).__name__}: {e}); the checkpoint at {last_ckpt} is intact")
     print("\n".join(f"{k:>10}: {v}" for k, v in out.items()))
     return out
