@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -59,6 +59,7 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     # 1. rollout: n samples per prompt, all requests in flight; then the engine sleeps
     with ctx.timer("gen"):
         samples = await rollout(ctx.engine, prompts, train_sampling(cfg), ctx.tokenizer, step=step)
+        baseline = await remax_baseline(ctx, prompts, samples, step) if cfg.algorithm.adv_estimator == "remax" else None
     if cfg.rollout.free_cache_engine:
         with ctx.timer("sleep"):
             await ctx.engine.sleep(["kv_cache", "weights"])
@@ -95,7 +96,7 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
         adv, returns = A.compute_advantages(
             cfg.algorithm.adv_estimator, scores=batch.scores, group_ids=batch.group_ids, mask=mask,
             token_rewards=token_rewards, values=values, gamma=cfg.algorithm.gamma, lam=cfg.algorithm.lam,
-            norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo)
+            norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo, baseline_scores=baseline)
 
     # 6. update: critic, then the actor (after the critic warm-up)
     mini = cfg.actor.ppo_mini_batch_size * cfg.rollout.n
@@ -126,6 +127,14 @@ def score_samples(samples: list[Sample], reward_fn) -> None:
         out = reward_fn(s.data_source, s.response_text, s.ground_truth, s.extra_info)
         s.reward = float(out["score"])
         s.reward_extra = {k: v for k, v in out.items() if k != "score"}
+
+
+async def remax_baseline(ctx: RLContext, prompts: list[Sample], samples: list[Sample], step: int) -> torch.Tensor:
+    """ReMax: each prompt's greedy answer, scored, is the baseline of its samples. # [B]"""
+    greedy = await rollout(ctx.engine, prompts, replace(train_sampling(ctx.cfg), temperature=0.0, n=1),
+                           ctx.tokenizer, step=step, desc="remax baseline")
+    score_samples(greedy, ctx.reward_fn)
+    return torch.tensor([greedy[s.group].reward for s in samples], dtype=torch.float32)
 
 
 async def sync_weights(ctx: RLContext) -> None:

@@ -169,3 +169,20 @@ def test_all_equal_rewards_give_zero_advantage_and_no_update(task, tiny_qwen2_di
     ctx, before, m = asyncio.run(run())
     assert m["reward/std"] == 0.0 and m["adv/mean"] == 0.0
     assert all(torch.equal(before[k], p) for k, p in ctx.actor.model.named_parameters())
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax"])
+def test_every_outcome_estimator_runs_a_step(task, tiny_qwen2_dir, tmp_path, estimator):
+    from hybridrl.step import rl_step, sync_weights
+    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, f"algorithm.adv_estimator={estimator}"))
+
+    async def run():
+        ctx, prompts = build_ctx(cfg)
+        ctx.ref = None
+        await sync_weights(ctx)
+        m = await rl_step(ctx, prompts[:4], step=1)
+        await ctx.engine.close()
+        return m
+
+    m = asyncio.run(run())
+    assert torch.isfinite(torch.tensor(m["actor/pg_loss"])) and m["perf/weight_version"] == 2
