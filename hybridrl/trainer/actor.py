@@ -254,7 +254,7 @@ class Critic:
                     loss, m = A.value_loss(self._values(mb), old_values[sl], returns[sl], mb.response_mask,
                                            self.cfg.cliprange_value, agg_mode, norm_len)
                     (loss * (mb.size / mini.size)).backward()
-                    stats.setdefault("vf_loss", []).append(float(loss))
+                    stats.setdefault("vf_loss", []).append(float(loss.detach()))
                     for k, v in m.items():
                         stats.setdefault(k, []).append(float(v))
                 params = list(self.backbone.parameters()) + list(self.head.parameters())

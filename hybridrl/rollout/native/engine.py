@@ -261,13 +261,22 @@ class NativeEngine:
         """"kv_cache" frees the KV pool; "weights" moves the weights to host memory (GPU only)."""
         tags = self._check_tags(tags)
         if "kv_cache" in tags and "kv_cache" not in self._asleep:
-            busy = len(self._requests)
+            busy = await self._drain(timeout=10.0)
             if busy:
                 raise HybridRLError(f"cannot free the KV cache with {busy} requests in flight; abort() them first")
             await self._in_worker(self.runner.free_kv)
         if "weights" in tags and "weights" not in self._asleep and self.device.type == "cuda":
             await self._in_worker(self.runner.move_weights, torch.device("cpu"))
         self._asleep |= set(tags)
+
+    async def _drain(self, timeout: float) -> int:
+        """Wait up to `timeout` s for in-flight requests to settle (aborted ones do at the next step).
+
+        -> how many are still in flight."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._requests and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        return len(self._requests)
 
     async def wake(self, tags: Seq[str] = TAGS) -> None:
         tags = self._check_tags(tags)
