@@ -171,7 +171,7 @@ class RolloutConfig:
     max_num_batched_tokens: int = f(8192, "native engine: max tokens in one prefill step")
     kv_block_size: int = f(16, "native engine: tokens per KV cache block")
     log_prob_micro_batch_size_per_gpu: int = f(8, "sequences per micro-batch when recomputing log-probs")
-    calculate_log_probs: bool = f(True, "return per-token log-probs of sampled tokens")
+    calculate_log_probs: bool = f(True, "log-probs of sampled tokens are always returned (the loss needs them); accepted for verl compatibility")
     use_rollout_log_probs: bool = f(True, "use the engine's log-probs as old log-probs (on-policy: the engine holds the trainer's exact weights) instead of recomputing them; false recomputes and logs the rollout/train mismatch")
     server_url: str = f("", "sglang: attach to this running server instead of launching one")
     attention_backend: str = f("", "sglang --attention-backend (empty = SGLang's default)")

@@ -153,7 +153,9 @@ async def validate(ctx: RLContext, prompts: list[Sample]) -> dict:
     sp = SamplingParams(max_new_tokens=ctx.cfg.rollout.response_length,
                         temperature=v.temperature if v.do_sample else 0.0, top_k=v.top_k, top_p=v.top_p,
                         n=v.n if v.do_sample else 1, stop=list(ctx.cfg.rollout.stop), seed=ctx.cfg.rollout.seed)
-    samples = await rollout(ctx.engine, prompts, sp, ctx.tokenizer, step=-1, desc="validate")
+    samples, size = [], ctx.cfg.data.val_batch_size
+    for i in range(0, len(prompts), size):      # at most val_batch_size prompts in flight
+        samples += await rollout(ctx.engine, prompts[i:i + size], sp, ctx.tokenizer, step=-1 - i, desc="validate")
     score_samples(samples, ctx.reward_fn)
     m = {"val/reward/mean": sum(s.reward for s in samples) / len(samples)}
     for src in sorted({s.data_source for s in samples}):
