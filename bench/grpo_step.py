@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def run(backend: str, model_dir: str, data: str, reward: str, root: Path, args) 
     from hybridrl.config import load_config
     from hybridrl.train import train
     run_dir = root / f"run_{backend}"
+    shutil.rmtree(run_dir, ignore_errors=True)
     over = [f"model.path={model_dir}", f"data.train_files=[{data}]", f"reward.custom_path={reward}",
             f"data.train_batch_size={args.prompts}", f"rollout.n={args.n}", f"actor.ppo_mini_batch_size={args.prompts}",
             f"actor.ppo_micro_batch_size_per_gpu={args.micro}", f"rollout.log_prob_micro_batch_size_per_gpu={args.micro}",

@@ -88,6 +88,19 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: in
     raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
 
 
+def micro_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, mode: str) -> float:
+    """Share of a mini-batch's aggregated loss that one micro-batch carries (for gradient accumulation).
+
+    agg_loss(micro) * micro_weight(...) summed over micro-batches equals agg_loss(mini), for every mode:
+    token-mean weighs by tokens, seq-mean-token-mean by non-empty rows, the others by rows.
+    """
+    if mode == "token-mean":
+        return float(micro_mask.sum() / mini_mask.sum().clamp(min=1))
+    if mode == "seq-mean-token-mean":
+        return float(micro_mask.any(-1).sum() / mini_mask.any(-1).sum().clamp(min=1))
+    return micro_mask.shape[0] / mini_mask.shape[0]
+
+
 # ---------------------------------------------------------------- rewards per token
 def scores_to_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Place each sample's scalar score [B] on its last masked token -> [B, L]."""
@@ -206,7 +219,8 @@ def compute_advantages(
     """Dispatch on the estimator name -> (advantages [B, L], returns [B, L]).
 
     scores [B] is the outcome reward; token_rewards [B, L] (e.g. after a KL penalty)
-    wins when given, and outcome estimators then use its row sum, as verl does.
+    wins when given, and outcome estimators then use its row sum, as verl does (except for a
+    row without trainable tokens, which keeps its score: verl would count it as 0).
     Without token_rewards, the score sits on the last response token.
     """
     if estimator not in ADV_ESTIMATORS:
@@ -215,7 +229,9 @@ def compute_advantages(
         outcome = scores.float()  # [B]
         token_rewards = scores_to_token_rewards(outcome, mask)
     else:
-        outcome = _zero_masked(token_rewards.float(), mask).sum(-1)  # [B]
+        row_sum = _zero_masked(token_rewards.float(), mask).sum(-1)  # [B]
+        # a row with no trainable token (an aborted, empty reply) keeps its score in the group statistics
+        outcome = row_sum if scores is None else torch.where(mask.bool().any(-1), row_sum, scores.float())
     if estimator == "gae":
         if values is None:
             raise ValueError("adv_estimator 'gae' needs critic values [B, L]")

@@ -59,16 +59,21 @@ def save(run_dir: str | Path, step: int, trainer_state: dict, state: dict, keep:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
+    for old in older[:len(older) - (keep - 1)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = ckpt_root(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").exists())
+    return sorted((p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").exists()), key=step_of)
 
 
 def find_resume_path(run_dir: str | Path, mode: str, path: str) -> Path | None:

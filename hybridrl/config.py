@@ -225,7 +225,7 @@ class ActorConfig:
     use_kl_loss: bool = f(False, "add KL to the reference as a loss term (GRPO style)")
     kl_loss_coef: float = f(0.001, "KL loss coefficient")
     kl_loss_type: str = f("low_var_kl", "k1/kl | k2/mse | k3/low_var_kl | abs")
-    tis_threshold: float = f(0.0, "truncated importance sampling cap against rollout log-probs (0 = off)")
+    tis_threshold: float = f(0.0, "truncated importance sampling cap against rollout log-probs (0 = off; when on, old log-probs are recomputed even with rollout.use_rollout_log_probs)")
     param_offload: bool = f(False, "offload parameters to CPU between phases")
     optimizer_offload: bool = f(False, "offload optimizer state to CPU between phases")
     max_nan_steps: int = f(3, "stop after this many updates in a row with a non-finite loss")

@@ -78,7 +78,7 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
 
     # 4. old log-probs: recomputed by the trainer, or the rollout's own when configured
     with ctx.timer("old_log_prob"):
-        if cfg.rollout.use_rollout_log_probs:
+        if cfg.rollout.use_rollout_log_probs and cfg.actor.tis_threshold <= 0:   # TIS needs both
             old_logp, entropy = batch.rollout_logp, torch.zeros_like(mask)
         else:
             old_logp, entropy = ctx.actor.log_probs(batch, T, cfg.rollout.log_prob_micro_batch_size_per_gpu,
@@ -166,7 +166,7 @@ def step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg) -> dict:
     m["adv/mean"] = float(A.masked_mean(adv, mask)) if mask.any() else 0.0
     if ref_logp is not None:
         m["actor/ref_kl"] = float(A.masked_mean(A.kl_penalty(old_logp, ref_logp, "low_var_kl"), mask))
-    if mask.any() and not cfg.rollout.use_rollout_log_probs:
+    if mask.any() and not (cfg.rollout.use_rollout_log_probs and cfg.actor.tis_threshold <= 0):
         m["actor/entropy_old"] = float(A.masked_mean(entropy, mask))
         m.update({f"rollout/{k}": v for k, v in
                   A.rollout_mismatch_metrics(old_logp, batch.rollout_logp, mask).items()})

@@ -22,8 +22,9 @@ class Tracker:
         self.loggers = list(loggers)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self._tb = self._wandb = None
-        if "jsonl" in loggers and resume_step == 0 and self.jsonl.exists():
-            self.jsonl.unlink()
+        if "jsonl" in loggers and self.jsonl.exists():   # a resumed run rewrites the steps after its checkpoint
+            kept = [r for r in read_jsonl(self.jsonl) if r["step"] <= resume_step] if resume_step else []
+            self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if "tensorboard" in loggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -80,11 +80,15 @@ async def train_async(cfg: Config) -> dict:
     loader = PromptLoader(train_prompts, cfg.data.train_batch_size, cfg.data.shuffle, cfg.data.seed)
     total = total_steps(cfg, loader)
     start = resume(cfg, run_dir, ctx, loader)
-    tracker = Tracker(cfg.trainer.logger, run_dir, asdict(cfg), cfg.trainer.project_name,
-                      cfg.trainer.experiment_name, resume_step=start)
+    if start == 0 and ckpt.list_checkpoints(run_dir):
+        raise HybridRLError(f"{run_dir} holds checkpoints of an earlier run but resume is off "
+                            f"(trainer.resume_mode={cfg.trainer.resume_mode}): use a new trainer.experiment_name "
+                            "or trainer.default_local_dir, or trainer.resume_mode=auto to continue it")
     ctx.engine = engine_class(cfg.rollout.name).from_config(cfg, model_path=model_path)
-    last_ckpt = None
+    tracker, last_ckpt = None, None
     try:
+        tracker = Tracker(cfg.trainer.logger, run_dir, asdict(cfg), cfg.trainer.project_name,
+                          cfg.trainer.experiment_name, resume_step=start)
         await sync_weights(ctx)                       # the engine may start from dummy weights
         if cfg.trainer.val_before_train and start == 0 and val_prompts:
             tracker.log(await validate(ctx, val_prompts), 0)
@@ -98,8 +102,11 @@ async def train_async(cfg: Config) -> dict:
             if (cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0) or last:
                 last_ckpt = save_checkpoint(cfg, run_dir, step, ctx, loader)
     finally:
-        await ctx.engine.close()
-        tracker.close()
+        try:
+            await ctx.engine.close()
+        finally:
+            if tracker is not None:
+                tracker.close()
     return finish(run_dir, ctx, last_ckpt)
 
 
@@ -185,7 +192,7 @@ def resume(cfg: Config, run_dir: Path, ctx: RLContext, loader: PromptLoader) -> 
     if trainer_state.get("kl_coef") is not None:
         ctx.kl_ctrl.value = trainer_state["kl_coef"]
     loader.load(state["loader"])
-    ctx.version = state.get("weight_version", 0)
+    ctx.version = state.get("weight_version", 1) - 1   # the start-up push re-sends this version
     print(f"resumed from {path} (step {state['step']})")
     return state["step"]
 

@@ -159,11 +159,12 @@ def test_compute_advantages_dispatch_and_errors():
     close(adv, A.grpo_advantages(SCORES, GROUPS, MASK2))
     close(ret, adv)
     # with token rewards (e.g. after a KL penalty) the outcome is their row sum, as in verl
-    # row sums 1, 3, 2, 0, 6, 5: group 7 (rows 0, 2, 3) 1, 2, 0 -> mean 1; group 3: 3, 6 -> mean 4.5
+    # row sums 1, 3, 2, -, 6, 5; row 3 is fully masked, so it keeps its score 2.0
+    # group 7 (rows 0, 2, 3): 1, 2, 2 -> mean 5/3; group 3: 3, 6 -> mean 4.5
     tok = t([[0.5, 0.5], [3.0, 0.0], [2.0, 0.0], [0.0, 0.0], [6.0, 0.0], [5.0, 0.0]])
     adv_tok, _ = A.compute_advantages("grpo", scores=SCORES, group_ids=GROUPS, mask=MASK2,
                                       token_rewards=tok, norm_adv_by_std_in_grpo=False)
-    close(adv_tok[:, 0], [0.0, -1.5, 1.0, 0.0, 1.5, 0.0])  # row 3 is fully masked
+    close(adv_tok[:, 0], [-2 / 3, -1.5, 1 / 3, 0.0, 1.5, 0.0])
     with pytest.raises(ValueError, match="grpo.*rloo"):
         A.compute_advantages("ppo", scores=SCORES, group_ids=GROUPS, mask=MASK2)
     with pytest.raises(ValueError, match="values"):
@@ -339,3 +340,16 @@ def test_rollout_mismatch_metrics():
     assert m["rollout_ppl_ratio"] == pytest.approx(math.exp(-LN2 / 2))
     empty = A.rollout_mismatch_metrics(train, rollout, torch.zeros(1, 3))
     assert empty["rollout_probs_diff_max"] == 0.0 and empty["rollout_ppl_ratio"] == 1.0
+
+
+def test_micro_weights_sum_micro_losses_to_the_mini_batch_loss():
+    # two micro-batches: rows [A] with 3 tokens and [B, C] with 1 and 0 tokens
+    loss = t([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0], [7.0, 7.0, 7.0]])
+    mask = t([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    for mode in A.AGG_MODES:
+        parts = [(slice(0, 1)), (slice(1, 3))]
+        total = sum(A.agg_loss(loss[p], mask[p], mode, norm_len=3) * A.micro_weight(mask[p], mask, mode)
+                    for p in parts)
+        close(total, A.agg_loss(loss, mask, mode, norm_len=3))
+    # token-mean by hand: (1+2+3+10) / 4 tokens = 4; the first micro-batch carries 3/4 of it
+    assert A.micro_weight(mask[:1], mask, "token-mean") == 0.75

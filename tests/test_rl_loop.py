@@ -186,3 +186,24 @@ def test_every_outcome_estimator_runs_a_step(task, tiny_qwen2_dir, tmp_path, est
 
     m = asyncio.run(run())
     assert torch.isfinite(torch.tensor(m["actor/pg_loss"])) and m["perf/weight_version"] == 2
+
+
+def test_tracker_rewrites_steps_after_the_resumed_checkpoint(tmp_path):
+    from hybridrl.tracking import Tracker, read_jsonl
+    t = Tracker(["jsonl"], tmp_path, {})
+    for s in (1, 2, 3):
+        t.log({"reward/mean": s / 10}, s)
+    Tracker(["jsonl"], tmp_path, {}, resume_step=2).log({"reward/mean": 0.9}, 3)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    Tracker(["jsonl"], tmp_path, {})      # a fresh run starts an empty log
+    assert read_jsonl(tmp_path / "metrics.jsonl") == []
+
+
+def test_checkpoints_pruned_by_step_and_fresh_run_refuses_old_folder(task, tiny_qwen2_dir, tmp_path):
+    from hybridrl import checkpoint as ckpt
+    from hybridrl.train import train
+    run = tmp_path / "run"
+    train(load_config(overrides(task, tiny_qwen2_dir, run, "trainer.total_training_steps=3", "trainer.save_freq=1")))
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000002", "step_000003"]
+    with pytest.raises(HybridRLError, match="holds checkpoints of an earlier run"):
+        train(load_config(overrides(task, tiny_qwen2_dir, run, "trainer.resume_mode=disable")))

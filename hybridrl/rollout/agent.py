@@ -33,8 +33,14 @@ async def rollout(engine: RolloutEngine, prompts: list[Sample], sampling: Sampli
         bar.update(len(outs))
         return [to_sample(prompt, i, out, tokenizer) for out in outs]
 
+    tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
     try:
-        groups = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        groups = await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:                 # one failed: stop the others (cancelling aborts them on the engine)
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     finally:
         bar.close()
     return [s for g in groups for s in g]

@@ -123,9 +123,14 @@ class Policy:
         batch = to_device(batch, self.device)
         logp = torch.zeros(batch.response_mask.shape, device=self.device)
         ent = torch.zeros_like(logp)
-        for rows, mb in micro_batches(batch, micro_batch_size):
-            lp, en = self._forward(mb, temperature, with_entropy)
-            logp[rows, :lp.shape[1]], ent[rows, :en.shape[1]] = lp, en
+        was_training = self.model.training
+        self.model.eval()                      # no dropout noise in old / reference log-probs
+        try:
+            for rows, mb in micro_batches(batch, micro_batch_size):
+                lp, en = self._forward(mb, temperature, with_entropy)
+                logp[rows, :lp.shape[1]], ent[rows, :en.shape[1]] = lp, en
+        finally:
+            self.model.train(was_training)
         return logp.cpu(), ent.cpu()
 
     # ---- update --------------------------------------------------------------------------
@@ -152,7 +157,7 @@ class Policy:
     def _mini_step(self, mini, old_logp, adv, ref_logp, tis, low, high, temperature, stats):
         c = self.cfg
         self.opt.zero_grad(set_to_none=True)
-        n, finite = mini.size, True
+        finite = True
         for rows, mb in micro_batches(mini, c.ppo_micro_batch_size_per_gpu):
             L = mb.response_mask.shape[1]
             logp, ent = self._forward(mb, temperature, with_entropy=True)
@@ -169,7 +174,7 @@ class Policy:
                 loss = loss + c.kl_loss_coef * kl
                 m["kl_loss"] = float(kl.detach())
             finite &= bool(torch.isfinite(loss))
-            (loss * (mb.size / n)).backward()
+            (loss * A.micro_weight(mb.response_mask, mini.response_mask, c.loss_agg_mode)).backward()
             m.update(pg_loss=float(pg_loss.detach()), entropy=float(entropy.detach()), loss=float(loss.detach()))
             for k, v in m.items():
                 stats.setdefault(k, []).append(float(v))
@@ -253,7 +258,7 @@ class Critic:
                     sl = (idx[rows], slice(0, mb.response_mask.shape[1]))
                     loss, m = A.value_loss(self._values(mb), old_values[sl], returns[sl], mb.response_mask,
                                            self.cfg.cliprange_value, agg_mode, norm_len)
-                    (loss * (mb.size / mini.size)).backward()
+                    (loss * A.micro_weight(mb.response_mask, mini.response_mask, agg_mode)).backward()
                     stats.setdefault("vf_loss", []).append(float(loss.detach()))
                     for k, v in m.items():
                         stats.setdefault(k, []).append(float(v))

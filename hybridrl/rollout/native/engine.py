@@ -164,7 +164,13 @@ class NativeEngine:
         if self._loop is not loop or self._task is None or self._task.done():
             self._loop, self._wakeup = loop, asyncio.Event()
             self._task = loop.create_task(self._run())
+            self._task.add_done_callback(self._on_loop_exit)
         self._wakeup.set()
+
+    def _on_loop_exit(self, task: asyncio.Task) -> None:
+        """If the step loop dies, fail every waiting request instead of leaving it to wait forever."""
+        if not task.cancelled() and task.exception() is not None:
+            self._fail_all(HybridRLError(f"the native engine's step loop failed: {task.exception()!r}"))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
