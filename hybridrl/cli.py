@@ -150,6 +150,8 @@ def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
             import os
             name = args.config_name if args.config_name.endswith((".yaml", ".yml")) else args.config_name + ".yaml"
             args.config = os.path.join(args.config_path or ".", name)
+        elif args.config_path and not args.config_name:
+            parser.error(f"--config-path {args.config_path} needs --config-name NAME (the YAML file in it)")
     return args
 
 
