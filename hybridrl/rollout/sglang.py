@@ -15,6 +15,7 @@ drives `hybridrl serve` (our native engine behind SGLang's HTTP subset), which C
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from dataclasses import replace
 from typing import Iterable, Sequence
@@ -200,10 +201,10 @@ class SGLangEngine:
         await self._check_version(version)
         self.weight_version = version
 
-    async def _push(self, path: str, body: dict, label: str) -> None:
+    async def _push(self, path: str, body: dict, label: str, retries: int = 1) -> None:
         try:
             # one retry: a push is idempotent (same tensors, same version), a dropped socket is not fatal
-            reply = await self._call("POST", path, body, timeout=self.update_timeout, retries=1)
+            reply = await self._call("POST", path, body, timeout=self.update_timeout, retries=retries)
         except ServerError as e:
             raise HybridRLError(f"the server refused weights [{label}] at {path}: {e.reason}") from None
         except HybridRLError as e:
@@ -219,17 +220,20 @@ class SGLangEngine:
                                 f"{version}: the update did not take effect on {self.url}")
 
     async def init_nccl(self, master_address: str, master_port: int, group_name: str = "hybridrl_weights") -> None:
-        """Disaggregated sync: join the server's TP ranks and this trainer (rank 0) in one NCCL group.
+        """Disaggregated sync: join the server's TP ranks (1..tp) and this trainer (rank 0) in one NCCL group.
 
-        Untested here (needs 2 GPUs). Uses SGLang's init_custom_process_group on the trainer side.
+        Call once, from the process whose current CUDA device holds the weights to broadcast.
         """
+        import datetime
+        import os
+        os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")     # as the launched server has it: peers must agree
         from sglang.srt.utils.common import init_custom_process_group
         body = weights.nccl_init_body(master_address, master_port, self.tp_size, group_name)
-        server = asyncio.ensure_future(self._push("/init_weights_update_group", body, "init group"))
-        group = await asyncio.to_thread(
+        join = functools.partial(
             init_custom_process_group, backend="nccl", init_method=f"tcp://{master_address}:{master_port}",
-            world_size=self.tp_size + 1, rank=0, group_name=group_name)
-        await server
+            world_size=self.tp_size + 1, rank=0, group_name=group_name,
+            timeout=datetime.timedelta(seconds=self.update_timeout))
+        group = await _with_server(self._push("/init_weights_update_group", body, "init group", retries=0), join)
         self._nccl = (group_name, group)
 
     async def _update_nccl(self, buckets, version: int) -> None:
@@ -237,11 +241,10 @@ class SGLangEngine:
             raise HybridRLError("rollout.weight_sync=nccl needs `await engine.init_nccl(addr, port)` first")
         name, group = self._nccl
         for bucket in buckets:
-            push = asyncio.ensure_future(self._push("/update_weights_from_distributed",
-                                                    weights.nccl_bucket_body(bucket, version, name),
-                                                    sync.bucket_label(bucket)))
-            await asyncio.to_thread(weights.nccl_broadcast, bucket, group)
-            await push
+            # no retry: a second POST would make the server wait for broadcasts that never come
+            push = self._push("/update_weights_from_distributed", weights.nccl_bucket_body(bucket, version, name),
+                              sync.bucket_label(bucket), retries=0)
+            await _with_server(push, functools.partial(weights.nccl_broadcast, bucket, group))
 
     # ---- info / lifecycle -------------------------------------------------------------------
     async def model_info(self) -> dict:
@@ -277,3 +280,19 @@ def _run_dir(cfg) -> str:
     import tempfile
     d = cfg.trainer.default_local_dir
     return tempfile.mkdtemp(prefix="hybridrl-sglang-") if "${" in d else d
+
+
+async def _with_server(push, trainer_side):
+    """Run the server's HTTP call and the trainer's blocking collective together; a refusal fails at once."""
+    server = asyncio.ensure_future(push)
+    local = asyncio.ensure_future(asyncio.to_thread(trainer_side))
+    done, _ = await asyncio.wait({server, local}, return_when=asyncio.FIRST_EXCEPTION)
+    if server in done and server.exception() is not None:
+        local.cancel()              # the thread itself ends at its own timeout
+        raise server.exception()
+    if local in done and local.exception() is not None:
+        server.cancel()
+        raise local.exception()
+    result = await local
+    await server
+    return result

@@ -90,6 +90,10 @@ def nccl_bucket_body(bucket, version: int, group_name: str) -> dict:
 
 def nccl_broadcast(bucket, group) -> None:
     """Trainer side of one NCCL bucket: broadcast each tensor from rank 0 of `group` (order = names)."""
+    import torch
     import torch.distributed as dist
-    for _, t in bucket:
-        dist.broadcast(t.contiguous(), src=0, group=group)
+    if not bucket:
+        return
+    with torch.cuda.device(bucket[0][1].device):    # this runs in a worker thread: its device is not the caller's
+        for _, t in bucket:
+            dist.broadcast(t.contiguous(), src=0, group=group)
