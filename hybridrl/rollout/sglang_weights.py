@@ -6,7 +6,8 @@
   `hybridrl serve`: the bucket as base64 safetensors bytes (`load_format="safetensors_b64"`).
 - `disk`: save HF safetensors to a folder, then POST /update_weights_from_disk.
 - `nccl`: POST /init_weights_update_group once, then per bucket POST /update_weights_from_distributed
-  while the trainer broadcasts the tensors from rank 0 of that group (needs 2 GPUs: untested here).
+  while the trainer broadcasts the tensors from rank 0 of that group (checked on 2 GPUs by
+  bench/sglang_nccl.py: docs/benchmarks/sglang_nccl.md).
 
 Each builder returns the JSON body; the engine sends it with a timeout and names the bucket on error.
 """
