@@ -206,7 +206,7 @@ class RolloutConfig:
 
 @dataclass
 class ActorConfig:
-    lr: float = f(1e-5, "actor learning rate (AdamW)")
+    lr: float = f(2e-5, "actor learning rate (AdamW)")
     warmup_steps: int = f(0, "linear learning-rate warm-up steps")
     weight_decay: float = f(0.0, "AdamW weight decay")
     betas: list = f([0.9, 0.999], "AdamW betas")
