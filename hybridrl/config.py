@@ -32,7 +32,7 @@ LENGTH_PAIRS = (("max_prompt_length", "prompt_length"), ("max_response_length", 
 # Fields no code acts on yet: a value other than the default warns "accepted but not implemented yet".
 # Whoever implements one removes it here.
 NOT_IMPLEMENTED = ("model.use_remove_padding", "actor.param_offload", "actor.optimizer_offload", "ref.param_offload",
-                   "actor.ppo_max_token_len_per_gpu", "trainer.n_gpus_per_node", "trainer.nnodes",
+                   "trainer.n_gpus_per_node", "trainer.nnodes",
                    "trainer.default_hdfs_dir")
 ADV_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax")
 
@@ -213,7 +213,7 @@ class ActorConfig:
     grad_clip: float = f(1.0, "max gradient norm")
     ppo_mini_batch_size: int = f(4, "prompts per optimizer step (x rollout.n samples)")
     ppo_micro_batch_size_per_gpu: int = f(4, "sequences per forward/backward micro-batch")
-    ppo_max_token_len_per_gpu: int = f(16384, "token budget per micro-batch when packing")
+    ppo_max_token_len_per_gpu: int = f(16384, "token budget per training micro-batch: a micro-batch closes at ppo_micro_batch_size_per_gpu rows or at this many padded tokens (rows x longest row), whichever comes first")
     ppo_epochs: int = f(1, "passes over each batch")
     clip_ratio: float = f(0.2, "PPO clip ratio (used for low and high unless they are set)")
     clip_ratio_low: float = f(-1.0, "PPO lower clip (-1 = clip_ratio)")

@@ -207,3 +207,32 @@ def test_checkpoints_pruned_by_step_and_fresh_run_refuses_old_folder(task, tiny_
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000002", "step_000003"]
     with pytest.raises(HybridRLError, match="holds checkpoints of an earlier run"):
         train(load_config(overrides(task, tiny_qwen2_dir, run, "trainer.resume_mode=disable")))
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batching_does_not_change_the_gradient(task, tiny_qwen2_dir, tmp_path, mode):
+    """Gradient accumulation over micro-batches (by row count or by token budget) equals one big micro-batch."""
+    from hybridrl.trainer.actor import Policy, micro_batches
+    from hybridrl.trainer.batch import collate
+    from hybridrl.types import Sample
+    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, f"actor.loss_agg_mode={mode}", "actor.grad_clip=1e9"))
+    policy = Policy(tiny_qwen2_dir, cfg.model, cfg.actor, torch.device("cpu"))
+    for g in policy.opt.param_groups:
+        g["lr"] = 0.0                              # parameters stay put; only gradients are compared
+    policy.sched.base_lrs = [0.0] * len(policy.sched.base_lrs)
+    samples = []
+    for n in (1, 7, 3, 12):                        # very different response lengths
+        s = Sample(prompt_ids=[5, 6, 7][: 1 + n % 3])
+        s.append(list(range(10, 10 + n)), [-1.0] * n)
+        samples.append(s)
+    batch = collate(samples, pad_id=0)
+    adv = torch.linspace(-1, 1, 4)[:, None].expand_as(batch.response_mask).contiguous()
+    old = policy.log_probs(batch, 1.0)[0]
+    norms = {}
+    for name, micro, budget in (("one", 4, 10_000), ("rows", 1, 10_000), ("tokens", 4, 16)):
+        policy.cfg.ppo_micro_batch_size_per_gpu, policy.cfg.ppo_max_token_len_per_gpu = micro, budget
+        norms[name] = policy.update(batch, old, adv, None, 1.0, mini_batch_size=4)["grad_norm"]
+    assert norms["rows"] == pytest.approx(norms["one"], rel=1e-4)
+    assert norms["tokens"] == pytest.approx(norms["one"], rel=1e-4)
+    sizes = [s.stop - s.start for s, _ in micro_batches(batch, 4, 16)]
+    assert sum(sizes) == 4 and len(sizes) > 1

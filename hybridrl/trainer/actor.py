@@ -54,10 +54,19 @@ def load_causal_lm(path: str, model_cfg: ModelConfig, device: torch.device) -> n
     return model.to(device)
 
 
-def micro_batches(batch: TrainBatch, size: int) -> Iterator[tuple[slice, TrainBatch]]:
-    for i in range(0, batch.size, size):
-        rows = slice(i, min(i + size, batch.size))
-        yield rows, batch.select(torch.arange(rows.start, rows.stop)).trimmed()
+def micro_batches(batch: TrainBatch, size: int, max_tokens: int | None = None) -> Iterator[tuple[slice, TrainBatch]]:
+    """Consecutive rows, at most `size` of them and at most `max_tokens` padded tokens (rows x longest row)."""
+    lengths = batch.attention_mask.sum(1).tolist()
+    start = 0
+    while start < batch.size:
+        stop, longest = start + 1, lengths[start]
+        while stop < min(start + size, batch.size):
+            longest_next = max(longest, lengths[stop])
+            if max_tokens is not None and longest_next * (stop + 1 - start) > max_tokens:
+                break
+            stop, longest = stop + 1, longest_next
+        yield slice(start, stop), batch.select(torch.arange(start, stop)).trimmed()
+        start = stop
 
 
 def response_hidden(backbone: nn.Module, mb: TrainBatch) -> torch.Tensor:
@@ -158,7 +167,7 @@ class Policy:
         c = self.cfg
         self.opt.zero_grad(set_to_none=True)
         finite = True
-        for rows, mb in micro_batches(mini, c.ppo_micro_batch_size_per_gpu):
+        for rows, mb in micro_batches(mini, c.ppo_micro_batch_size_per_gpu, c.ppo_max_token_len_per_gpu):
             L = mb.response_mask.shape[1]
             logp, ent = self._forward(mb, temperature, with_entropy=True)
             sl = (rows, slice(0, L))
