@@ -317,7 +317,7 @@ class TrainerConfig:
     save_freq: int = f(-1, "checkpoint every N steps (-1 = only at the end)")
     test_freq: int = f(4, "validate every N steps (-1 = only before and after training)")
     val_before_train: bool = f(True, "validate before the first step")
-    logger: list = f(["console", "jsonl"], "console | jsonl | tensorboard | wandb")
+    logger: list = f(["console", "jsonl"], "console | jsonl | tensorboard | wandb (metrics.jsonl is written in every case)")
     project_name: str = f("hybridrl", "project name (run folder and W&B)")
     experiment_name: str = f("default", "experiment name (run folder and W&B)")
     default_local_dir: str = f("runs/${trainer.project_name}/${trainer.experiment_name}", "run folder: logs, checkpoints, plots")

@@ -22,7 +22,8 @@ class Tracker:
         self.loggers = list(loggers)
         self.jsonl = self.run_dir / "metrics.jsonl"
         self._tb = self._wandb = None
-        if "jsonl" in loggers and self.jsonl.exists():   # a resumed run rewrites the steps after its checkpoint
+        # metrics.jsonl is always written: it is the run's record and the plot's source
+        if self.jsonl.exists():   # a resumed run rewrites the steps after its checkpoint
             kept = [r for r in read_jsonl(self.jsonl) if r["step"] <= resume_step] if resume_step else []
             self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if "tensorboard" in loggers:
@@ -41,9 +42,8 @@ class Tracker:
 
     def log(self, metrics: dict, step: int) -> None:
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        if "jsonl" in self.loggers:
-            with self.jsonl.open("a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if "console" in self.loggers:
             from tqdm.auto import tqdm
             tqdm.write(console_line(metrics, step))

@@ -94,7 +94,7 @@ async def train_async(cfg: Config) -> dict:
             tracker.log(await validate(ctx, val_prompts), 0)
         for step in tqdm(range(start + 1, total + 1), desc="train", unit="step", initial=start, total=total):
             metrics = await rl_step(ctx, loader.next(), step)
-            warn_step(metrics, step)
+            warn_step(metrics, step, cfg.algorithm.adv_estimator)
             last = step == total
             if val_prompts and ((cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0) or last):
                 metrics.update(await validate(ctx, val_prompts))
@@ -172,11 +172,11 @@ async def validate(ctx: RLContext, prompts: list[Sample]) -> dict:
     return m
 
 
-def warn_step(metrics: dict, step: int) -> None:
+def warn_step(metrics: dict, step: int, estimator: str = "grpo") -> None:
     if metrics.get("response_length/clip_ratio", 0) >= 1.0:
         tqdm.write(f"warning: step {step}: every response hit rollout.response_length; rewards may all be "
                    "zero. Raise data.max_response_length or ask for shorter answers.")
-    if metrics.get("reward/std", 1.0) == 0.0:
+    if metrics.get("reward/std", 1.0) == 0.0 and estimator != "gae":   # with a critic, values still differ
         tqdm.write(f"warning: step {step}: all rewards equal ({metrics.get('reward/mean'):.3g}), so every "
                    "advantage is zero and the policy did not move this step.")
 
