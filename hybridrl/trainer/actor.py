@@ -120,10 +120,12 @@ class Policy:
 
     # ---- forward -------------------------------------------------------------------------
     def _forward(self, mb: TrainBatch, temperature: float, with_entropy: bool):
+        labels = mb.input_ids[:, mb.prompt_len:mb.prompt_len + mb.response_mask.shape[1]]
+        # the lm_head runs under autocast too: in fp32 its [tokens, V] GEMMs took half the update's GPU time
+        # (docs/benchmarks/profile_update.md); log_softmax itself is computed in fp32
         with autocast(self.device, self.model_cfg.dtype):
             hidden = response_hidden(self.model.model, mb)
-        labels = mb.input_ids[:, mb.prompt_len:mb.prompt_len + mb.response_mask.shape[1]]
-        return chunked_logp_entropy(hidden, self.model.lm_head, labels, temperature, with_entropy)
+            return chunked_logp_entropy(hidden, self.model.lm_head, labels, temperature, with_entropy)
 
     @torch.no_grad()
     def log_probs(self, batch: TrainBatch, temperature: float, micro_batch_size: int = 8,
