@@ -33,36 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hybridrl.config import Config  # noqa: E402
 from hybridrl.rollout.base import SamplingParams  # noqa: E402
 from hybridrl.sync import bucketize, nbytes  # noqa: E402
+from sglang_weight_sync import QWEN05, SGLANG_FLAGS, qwen_named_tensors  # noqa: E402  (same folder)
 
-QWEN05 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896, intermediate_size=4864,
-              num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-              max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
-              torch_dtype="bfloat16", hidden_act="silu", bos_token_id=151643, eos_token_id=151645)
-SGLANG_FLAGS = {"sampling_backend": "pytorch", "grammar_backend": "none", "mm_feature_transport": "cpu",
-                "cuda_graph_max_bs": 256}
 EMBED_STD = 0.1     # tied embeddings: logits std ~ sqrt(hidden) * 0.1 ~ 3, a peaked next-token distribution
-
-
-def qwen_named_tensors(cfg: dict, device: str, seed: int = 1, dtype=torch.bfloat16) -> list[tuple[str, torch.Tensor]]:
-    """Random HF-named tensors of a Qwen2 model (tied embeddings: no lm_head); norms are ones."""
-    h, i, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"]
-    hd = h // cfg["num_attention_heads"]
-    shapes = {"self_attn.q_proj.weight": (h, h), "self_attn.q_proj.bias": (h,),
-              "self_attn.k_proj.weight": (kv * hd, h), "self_attn.k_proj.bias": (kv * hd,),
-              "self_attn.v_proj.weight": (kv * hd, h), "self_attn.v_proj.bias": (kv * hd,),
-              "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h),
-              "mlp.down_proj.weight": (h, i), "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def rand(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
-
-    def ones(*shape):
-        return torch.ones(*shape, dtype=dtype, device=device)
-    named = [("model.embed_tokens.weight", rand(cfg["vocab_size"], h, std=EMBED_STD)), ("model.norm.weight", ones(h))]
-    for layer in range(cfg["num_hidden_layers"]):
-        named += [(f"model.layers.{layer}.{k}", ones(*s) if "norm" in k else rand(*s)) for k, s in shapes.items()]
-    return named
 
 
 def make_config(model_dir: str) -> Config:
@@ -158,7 +131,7 @@ async def run(args, engine, res: dict) -> None:
     batch = prompts(args.prompts, args.prompt_len, QWEN05["vocab_size"])
     res["before_push"] = await greedy(engine, batch, args.new_tokens)
     torch.cuda.set_device(0)
-    named = qwen_named_tensors(QWEN05, "cuda:0")
+    named = qwen_named_tensors(QWEN05, "cuda:0", embed_std=EMBED_STD)
     res["model_bytes_GB"] = round(sum(nbytes(t) for _, t in named) / 1e9, 3)
     res["tensors"] = len(named)
     port = find_free_port(29650)

@@ -47,8 +47,9 @@ SGLANG_FLAGS = {"sampling_backend": "pytorch", "grammar_backend": "none", "mm_fe
                 "cuda_graph_max_bs": 256}
 
 
-def qwen_named_tensors(cfg: dict, device: str, dtype=torch.bfloat16) -> list[tuple[str, torch.Tensor]]:
-    """Random HF-named tensors of a Qwen2 model (tied embeddings: no lm_head)."""
+def qwen_named_tensors(cfg: dict, device: str, dtype=torch.bfloat16, seed: int = 1,
+                       embed_std: float = 0.02) -> list[tuple[str, torch.Tensor]]:
+    """Random HF-named tensors of a Qwen2 model (tied embeddings: no lm_head); norms are ones."""
     h, i, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"]
     hd = h // cfg["num_attention_heads"]
     shapes = {"self_attn.q_proj.weight": (h, h), "self_attn.q_proj.bias": (h,),
@@ -56,14 +57,16 @@ def qwen_named_tensors(cfg: dict, device: str, dtype=torch.bfloat16) -> list[tup
               "self_attn.v_proj.weight": (kv * hd, h), "self_attn.v_proj.bias": (kv * hd,),
               "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h),
               "mlp.down_proj.weight": (h, i), "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
-    g = torch.Generator(device=device).manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(seed)
 
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(dtype)
-    named = [("model.embed_tokens.weight", rand(cfg["vocab_size"], h)), ("model.norm.weight", torch.ones(h, dtype=dtype, device=device))]
+    def rand(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
+
+    def ones(*shape):
+        return torch.ones(*shape, dtype=dtype, device=device)
+    named = [("model.embed_tokens.weight", rand(cfg["vocab_size"], h, std=embed_std)), ("model.norm.weight", ones(h))]
     for layer in range(cfg["num_hidden_layers"]):
-        named += [(f"model.layers.{layer}.{k}", rand(*s) if "norm" not in k else torch.ones(*s, dtype=dtype, device=device))
-                  for k, s in shapes.items()]
+        named += [(f"model.layers.{layer}.{k}", ones(*s) if "norm" in k else rand(*s)) for k, s in shapes.items()]
     return named
 
 
