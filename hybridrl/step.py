@@ -151,18 +151,25 @@ async def sync_weights(ctx: RLContext) -> None:
         await engine.wake(["kv_cache"])
 
 
+def reward_metrics(samples: list[Sample], prefix: str = "") -> dict:
+    """Reward mean/std over all samples and per data_source, keys `{prefix}reward/...`."""
+    groups = {"": samples} | {f"{src}/": [s for s in samples if s.data_source == src]
+                              for src in sorted({s.data_source for s in samples})}
+    m = {}
+    for key, group in groups.items():
+        r = torch.tensor([s.reward for s in group], dtype=torch.float32)
+        m[f"{prefix}reward/{key}mean"] = float(r.mean())
+        m[f"{prefix}reward/{key}std"] = float(r.std()) if len(r) > 1 else 0.0
+    return m
+
+
 def step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg) -> dict:
     mask, m = batch.response_mask, {}
     lengths = mask.sum(1)
     m["response_length/mean"] = float(lengths.mean())
     m["response_length/max"] = float(lengths.max())
     m["response_length/clip_ratio"] = sum(s.truncated for s in samples) / len(samples)
-    m["reward/mean"] = float(batch.scores.mean())
-    m["reward/std"] = float(batch.scores.std()) if len(samples) > 1 else 0.0
-    for src in sorted({s.data_source for s in samples}):
-        r = torch.tensor([s.reward for s in samples if s.data_source == src])
-        m[f"reward/{src}/mean"] = float(r.mean())
-        m[f"reward/{src}/std"] = float(r.std()) if len(r) > 1 else 0.0
+    m.update(reward_metrics(samples))
     m["adv/mean"] = float(A.masked_mean(adv, mask)) if mask.any() else 0.0
     if ref_logp is not None:
         m["actor/ref_kl"] = float(A.masked_mean(A.kl_penalty(old_logp, ref_logp, "low_var_kl"), mask))

@@ -19,7 +19,7 @@ from hybridrl import checkpoint as ckpt
 from hybridrl.config import Config
 from hybridrl.rollout.agent import rollout
 from hybridrl.rollout.base import SamplingParams, engine_class
-from hybridrl.step import RLContext, rl_step, score_samples, sync_weights
+from hybridrl.step import RLContext, reward_metrics, rl_step, score_samples, sync_weights
 from hybridrl.tracking import Tracker, plot_run
 from hybridrl.types import Sample
 
@@ -164,10 +164,7 @@ async def validate(ctx: RLContext, prompts: list[Sample]) -> dict:
     for i in range(0, len(prompts), size):      # at most val_batch_size prompts in flight
         samples += await rollout(ctx.engine, prompts[i:i + size], sp, ctx.tokenizer, step=-1 - i, desc="validate")
     score_samples(samples, ctx.reward_fn)
-    m = {"val/reward/mean": sum(s.reward for s in samples) / len(samples)}
-    for src in sorted({s.data_source for s in samples}):
-        r = [s.reward for s in samples if s.data_source == src]
-        m[f"val/reward/{src}/mean"] = sum(r) / len(r)
+    m = reward_metrics(samples, prefix="val/")
     m["val/response_length/mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
     return m
 
