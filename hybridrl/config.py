@@ -15,7 +15,6 @@ its default is copied onto the other; setting both to different non-default valu
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -23,6 +22,7 @@ from typing import Any, ClassVar, get_type_hints
 
 from hybridrl import HybridRLError
 from hybridrl import config_verl
+from hybridrl.config_io import to_dict, to_yaml  # noqa: F401  (part of this module's API)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
@@ -439,22 +439,6 @@ def from_dict(tree: dict, cls=Config):
     return cls(**kwargs)
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg, comments: bool = False) -> str:
-    """The config as YAML; with `comments`, each field's help string follows it."""
-    import yaml
-
-    class Dumper(yaml.SafeDumper):   # sections in block style, lists on one line
-        pass
-    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
-    if not comments:
-        return yaml.dump(to_dict(cfg), Dumper=Dumper, sort_keys=False, default_flow_style=False, width=120)
-    return "\n".join(_commented(cfg, 0)) + "\n"
-
-
 def all_keys(cls=Config, prefix: str = "") -> list[str]:
     """Every dotted key of our layout."""
     out = []
@@ -462,19 +446,6 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
         sub = get_type_hints(cls)[fld.name]
         out += all_keys(sub, f"{prefix}{fld.name}.") if is_dataclass(sub) else [prefix + fld.name]
     return out
-
-
-def _commented(obj, indent: int):
-    import yaml
-    pad = " " * indent
-    for fld in fields(obj):
-        value, help = getattr(obj, fld.name), fld.metadata.get("help", "")
-        if is_dataclass(value):
-            yield f"{pad}{fld.name}:  # {help}"
-            yield from _commented(value, indent + 2)
-        else:
-            text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-            yield f"{pad}{fld.name}: {text.removesuffix('...').strip()}  # {help}"
 
 
 def _omegaconf():
