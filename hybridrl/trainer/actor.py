@@ -294,6 +294,4 @@ class Critic:
 def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
     if batch.input_ids.device == device:
         return batch
-    return TrainBatch(*(getattr(batch, k).to(device) for k in
-                        ("input_ids", "attention_mask", "position_ids", "response_mask", "rollout_logp",
-                         "scores", "group_ids")), prompt_len=batch.prompt_len)
+    return batch.apply(lambda t: t.to(device))

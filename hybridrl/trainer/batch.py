@@ -5,6 +5,7 @@ token t of every row sits at column P + t and is predicted by the logits at P + 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +28,14 @@ class TrainBatch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    def apply(self, fn) -> "TrainBatch":
+        """`fn` applied to every tensor field (prompt_len kept)."""
+        return dataclasses.replace(self, **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if f.name != "prompt_len"})
+
     def select(self, idx: torch.Tensor) -> "TrainBatch":
         """Rows `idx` of every tensor (for mini- and micro-batches)."""
-        return TrainBatch(*(getattr(self, k)[idx] for k in
-                            ("input_ids", "attention_mask", "position_ids", "response_mask",
-                             "rollout_logp", "scores", "group_ids")), prompt_len=self.prompt_len)
+        return self.apply(lambda t: t[idx])
 
     def trimmed(self) -> "TrainBatch":
         """Drop columns that are padding in every row (left of the prompts, right of the responses)."""
