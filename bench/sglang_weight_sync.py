@@ -185,7 +185,7 @@ async def run(args, engine, named, vocab: int, res: dict) -> None:
 
 
 def smoke_model(out: Path) -> tuple[str, dict]:
-    from hybridrl.models import save_tiny_model
+    from hybridrl.testing import save_tiny_model
     d = save_tiny_model(out / "tiny", arch="qwen2")
     return d, json.loads((Path(d) / "config.json").read_text())
 

@@ -49,20 +49,20 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_tok():
-    from hybridrl.models import tiny_tokenizer
+    from hybridrl.testing import tiny_tokenizer
 
     return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory):
-    from hybridrl.models import save_tiny_model
+    from hybridrl.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), arch="qwen2")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
-    from hybridrl.models import save_tiny_model
+    from hybridrl.testing import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"), arch="llama")

@@ -129,7 +129,7 @@ def test_every_prompt_too_long(tmp_path, tiny_tok):
 
 
 def test_tokenizer_without_chat_template(tmp_path):
-    from hybridrl.models import tiny_tokenizer
+    from hybridrl.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     tok.chat_template = None
@@ -206,7 +206,7 @@ def test_error_names_the_row_inside_its_own_file(tmp_path, tiny_tok):
 
 
 def test_chat_template_rejecting_messages(tmp_path):
-    from hybridrl.models import tiny_tokenizer
+    from hybridrl.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     tok.chat_template = "{{ raise_exception('roles must alternate') }}"

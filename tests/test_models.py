@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hybridrl import HybridRLError
-from hybridrl.models import (check_model_dir, load_tokenizer, prepare_smollm2, qwen25_shape_config,
-                             qwen25_tokenizer, save_tiny_model, tiny_model_config, tiny_tokenizer)
+from hybridrl.models import check_model_dir, load_tokenizer, prepare_smollm2, qwen25_shape_config, qwen25_tokenizer
+from hybridrl.testing import save_tiny_model, tiny_model_config, tiny_tokenizer
 
 CHAT = [{"role": "user", "content": "What is 12 plus 7?"}]
 

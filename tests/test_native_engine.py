@@ -51,7 +51,7 @@ def hf_logprobs(model, prompt, output, temperature=1.0):
 
 @pytest.fixture(scope="module")
 def tiny_qwen3_dir(tmp_path_factory):
-    from hybridrl.models import save_tiny_model
+    from hybridrl.testing import save_tiny_model
     return save_tiny_model(tmp_path_factory.mktemp("tiny_qwen3"), arch="qwen3")
 
 
@@ -302,7 +302,7 @@ def test_gpu_triton_decode_matches_torch():
 
 @pytest.mark.gpu
 def test_gpu_engine_graphs_match_hf(tmp_path):
-    from hybridrl.models import save_tiny_model
+    from hybridrl.testing import save_tiny_model
     path = save_tiny_model(tmp_path / "m", arch="qwen2", hidden_size=64)      # head_dim 16: Triton decode
     hf = hf_model(path).cuda()
     eng = NativeEngine(path, device="cuda", dtype="float32", kv_cache_tokens=4096)
