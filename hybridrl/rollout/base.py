@@ -1,9 +1,16 @@
 """The rollout engine interface every backend implements, and the lazy name → class table.
 
-    engine = make_engine(cfg)                      # picks cfg.rollout.name, imports only that backend
+    engine = engine_class(cfg.rollout.name).from_config(cfg, model_path)   # imports only that backend
     outs = await engine.generate(prompt_ids, SamplingParams(max_new_tokens=64, n=4))
-    await engine.update_weights(buckets, version)  # buckets: iterable of [(hf_name, tensor), ...]
-    await engine.sleep(["weights", "kv_cache"]); await engine.wake(["weights"]); await engine.wake(["kv_cache"])
+    await engine.sleep(["kv_cache", "weights"])     # colocated: free the GPU for the trainer
+    await engine.update_weights(buckets, version)   # wakes in stages, loads, flushes: serves `version` after
+    await engine.close()
+
+Five methods. Aborting is cancelling: a cancelled `generate` aborts its request on the engine.
+`update_weights` is the whole weight-sync contract: whatever was asleep wakes in the order that
+avoids an OOM (weights, then the push, then the KV cache), the prefix cache is flushed, and the
+engine reports `version` on every later output. How the tensors travel (in-process, CUDA IPC,
+disk, NCCL) is the engine's transport, chosen once when the engine is built.
 """
 from __future__ import annotations
 
@@ -58,25 +65,25 @@ class GenerateOutput:
 
 
 class RolloutEngine(Protocol):
+    @classmethod
+    def from_config(cls, cfg, model_path: str | None = None) -> "RolloutEngine":
+        """Build (or attach to) an engine for the hybridrl Config `cfg`; model_path overrides cfg.model.path."""
+
     async def generate(self, input_ids: list[int], sampling: SamplingParams,
                        request_id: str | None = None) -> list[GenerateOutput]:
-        """Generate `sampling.n` completions of one prompt. Many calls may be in flight at once."""
+        """`sampling.n` completions of one prompt. Many calls may be in flight; cancelling one aborts it."""
 
     async def update_weights(self, buckets: Iterable[Sequence[tuple[str, "object"]]], version: int) -> None:
-        """Load a stream of buckets of (hf_name, tensor) in place; afterwards the engine reports `version`."""
+        """Wake what is asleep, load the stream of (hf_name, tensor) buckets, flush caches; then serve `version`.
+
+        All or nothing: a refused push raises and leaves the engine on its previous weights and version
+        (or, where a backend cannot undo a partial stream, refusing to generate until a push succeeds)."""
 
     async def sleep(self, tags: Sequence[str] = TAGS) -> None:
-        """Free memory: "kv_cache" drops the KV pool, "weights" moves/drops weights."""
+        """Free memory: "kv_cache" drops the KV pool, "weights" frees the weights (the next push restores them)."""
 
-    async def wake(self, tags: Sequence[str] = TAGS) -> None:
-        """Restore what `sleep` freed."""
-
-    async def flush_cache(self) -> None: ...
-
-    async def abort(self, request_id: str | None = None) -> None:
-        """Abort one request, or all when request_id is None; aborted requests finish with "abort"."""
-
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Stop what the engine started (server processes, worker threads); idempotent."""
 
 
 def engine_class(name: str):
