@@ -7,21 +7,40 @@ user tokens of a multi-turn sample and padding are 0).
     advantages   grpo, rloo, reinforce_plus_plus(+_baseline), remax, gae  -> compute_advantages
     KL           kl_penalty (k1/abs/k2/k3), apply_kl_penalty, Fixed/AdaptiveKLController
     losses       policy_loss (PPO clip + dual clip, GSPO), value_loss, agg_loss
-    log-probs    logprobs_from_logits, entropy_from_logits (chunked over tokens)
+    log-probs    logp_entropy: log p(label) and entropy from hidden states through the lm_head,
+                 chunked over tokens (the one log-softmax of the trainer)
     off-policy   tis_weights, rollout_mismatch_metrics
 
-Semantics follow verl's `trainer/ppo/core_algos.py`. Where we chose otherwise:
+Semantics follow verl's `trainer/ppo/core_algos.py`. Every place where we chose otherwise, or
+where a choice had to be made, and why:
 1. A group of one sample (grpo, rloo, reinforce_plus_plus_baseline) gets advantage 0:
    it has no baseline. verl uses baseline 0 (and std 1), so the raw score becomes
    the advantage, which silently changes the algorithm when n = 1.
-2. `seq-mean-token-sum-norm` is the mean over sequences of (token sum / norm_len),
-   Dr. GRPO's formula. verl divides the batch *sum* by L, so its loss scale grows
-   with the batch (and with verl's micro-batching); ours is comparable across modes.
-3. Empty rows never give NaN: `masked_mean` of an empty mask is 0, and
-   `seq-mean-token-mean` averages only rows with at least one token.
-4. `masked_whiten` returns 0 on masked positions (verl leaves garbage there) and
-   skips Bessel's correction for a single token (verl divides by zero).
-5. Masked positions may hold inf/NaN (e.g. padding logits): they are selected
+2. A group of equal scores gets advantage exactly 0 (grpo with or without std, rloo,
+   reinforce_plus_plus_baseline), whatever the score: it has no signal. Equality is exact
+   (group max == group min): verl's float32 mean leaves rounding noise that / (std + eps)
+   blows up (sixteen scores of 0.1 give -0.0147). In reinforce_plus_plus_baseline the 0
+   also survives the batch whitening (verl shifts it by the batch mean).
+3. `masked_whiten` (REINFORCE++, GAE) returns exact zeros when the masked values have no
+   spread, one token included (verl divides by zero there), and 0 on masked positions
+   (verl leaves garbage there).
+4. With token-level rewards (compute_advantages(token_rewards=...)), the outcome of grpo /
+   rloo / reinforce_plus_plus_baseline is their row sum *under the mask*: a reward on a
+   tool token or on padding is not part of the reply's outcome. verl sums the whole row.
+   A row with no trainable token keeps its score (verl would count it as 0).
+5. agg_loss: `seq-mean-token-sum` and `seq-mean-token-mean` average over rows with at least
+   one token, as verl does: an empty (aborted) row carries no loss and must not dilute the
+   others. `seq-mean-token-sum-norm` is the mean over *all* rows of (token sum / norm_len),
+   Dr. GRPO's formula, whose point is a constant divisor B * norm_len (independent of lengths
+   and of empty rows). verl divides the batch *sum* by L, so its loss scale grows with the
+   batch (and with its micro-batching); ours is comparable across modes. `micro_weight`
+   follows each mode's divisor, so gradient accumulation gives the mini-batch loss.
+6. The "kl" metric of `apply_kl_penalty` (it drives the adaptive KL controller) is the mean
+   of the per-row token-mean KL over rows with at least one token; verl averages over all
+   rows. An empty row has no KL: counting it as 0 would make the controller under-estimate
+   the KL and loosen the penalty.
+7. Empty masks never give NaN: `masked_mean` of an empty mask is 0.
+8. Masked positions may hold inf/NaN (e.g. padding logits): they are selected
    away with `torch.where`, not multiplied by 0.
 
 Run the tests: `pytest tests/test_algorithms.py`.
@@ -29,6 +48,7 @@ Run the tests: `pytest tests/test_algorithms.py`.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint  # a submodule that `import torch` does not load
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
@@ -52,15 +72,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the masked elements; masked positions -> 0.
 
-    Variance is unbiased (Bessel), as in verl; with one token there is no spread,
-    so only the mean is removed.
+    Variance is unbiased (Bessel), as in verl. Masked values without spread (all equal,
+    one token, or none) carry no signal: exact zeros, not rounding noise / sqrt(eps).
     """
-    mean = masked_mean(x, mask)
-    centered = _zero_masked(x - mean, mask)
-    n = mask.sum().to(x.dtype)
-    if n <= 1:
-        return centered
-    var = (centered**2).sum() / (n - 1)
+    values = x[mask != 0]  # [N]
+    if values.numel() == 0 or values.max() == values.min():
+        return torch.zeros_like(x)
+    centered = _zero_masked(x - masked_mean(x, mask), mask)
+    var = (centered**2).sum() / (values.numel() - 1)
     return centered * torch.rsqrt(var + eps)
 
 
@@ -69,20 +88,21 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: in
     """Reduce a per-token loss [B, L] to a scalar.
 
     token-mean               sum over all tokens / number of tokens
-    seq-mean-token-sum       mean over rows of (token sum)
-    seq-mean-token-mean      mean over non-empty rows of (token mean)
-    seq-mean-token-sum-norm  mean over rows of (token sum / norm_len), norm_len defaults to L
-                             (Dr. GRPO; verl divides the row sum by L without /B, see docstring)
+    seq-mean-token-sum       mean over non-empty rows of (token sum), as verl
+    seq-mean-token-mean      mean over non-empty rows of (token mean), as verl
+    seq-mean-token-sum-norm  mean over *all* rows of (token sum / norm_len), norm_len defaults to L:
+                             Dr. GRPO's constant divisor B * norm_len (verl: batch sum / L, see
+                             item 5 of the module docstring)
     """
     if mode == "token-mean":
         return masked_mean(loss_mat, mask)
     row_sum = _zero_masked(loss_mat, mask).sum(-1)  # [B]
+    count = mask.sum(-1).to(row_sum.dtype)  # [B] tokens per row
+    nonempty = (count > 0).sum().clamp(min=1)  # rows with at least one token (>= 1: no 0 / 0)
     if mode == "seq-mean-token-sum":
-        return row_sum.mean()
+        return row_sum.sum() / nonempty
     if mode == "seq-mean-token-mean":
-        count = mask.sum(-1).to(row_sum.dtype)  # [B]
-        nonempty = (count > 0).to(row_sum.dtype)
-        return (row_sum / count.clamp(min=1)).sum() / nonempty.sum().clamp(min=1)
+        return (row_sum / count.clamp(min=1)).sum() / nonempty
     if mode == "seq-mean-token-sum-norm":
         return row_sum.mean() / (norm_len or loss_mat.shape[-1])
     raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
@@ -92,12 +112,13 @@ def micro_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, mode: str) -
     """Share of a mini-batch's aggregated loss that one micro-batch carries (for gradient accumulation).
 
     agg_loss(micro) * micro_weight(...) summed over micro-batches equals agg_loss(mini), for every mode:
-    token-mean weighs by tokens, seq-mean-token-mean by non-empty rows, the others by rows.
+    each mode weighs by its divisor: token-mean by tokens, seq-mean-token-sum and seq-mean-token-mean
+    by non-empty rows, seq-mean-token-sum-norm by rows. A micro-batch of empty rows weighs 0.
     """
     if mode == "token-mean":
         return float(micro_mask.sum() / mini_mask.sum().clamp(min=1))
-    if mode == "seq-mean-token-mean":
-        return float(micro_mask.any(-1).sum() / mini_mask.any(-1).sum().clamp(min=1))
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return float((micro_mask != 0).any(-1).sum() / (mini_mask != 0).any(-1).sum().clamp(min=1))
     return micro_mask.shape[0] / mini_mask.shape[0]
 
 
@@ -127,7 +148,11 @@ def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: f
 
 # ---------------------------------------------------------------- advantage estimators
 def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor):
-    """Per-sample group size, mean and unbiased std of `scores` [B] within its group."""
+    """Per sample [B]: its group's size, mean, unbiased std of `scores` [B], and whether it has signal.
+
+    signal = the group's scores are not all equal (so also more than one sample), compared
+    exactly (max > min): a float mean / std of equal values leaves rounding noise, not zero.
+    """
     _, inv = torch.unique(group_ids, return_inverse=True)  # [B] -> dense group index
     G = int(inv.max()) + 1 if inv.numel() else 0
     zeros = torch.zeros(G, dtype=scores.dtype, device=scores.device)
@@ -135,20 +160,22 @@ def _group_stats(scores: torch.Tensor, group_ids: torch.Tensor):
     mean = zeros.index_add(0, inv, scores) / count  # [G]
     sq = zeros.index_add(0, inv, (scores - mean[inv]) ** 2)  # [G]
     std = (sq / (count - 1).clamp(min=1)).sqrt()  # [G]; torch.std (unbiased) like verl
-    return count[inv], mean[inv], std[inv]
+    high = zeros.scatter_reduce(0, inv, scores, "amax", include_self=False)  # [G]
+    low = zeros.scatter_reduce(0, inv, scores, "amin", include_self=False)  # [G]
+    return count[inv], mean[inv], std[inv], (high > low)[inv]
 
 
 @torch.no_grad()
 def grpo_advantages(scores, group_ids, mask, norm_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: (score - group mean) / (group std + eps) [B] -> broadcast on tokens [B, L].
 
-    norm_by_std=False is Dr. GRPO (no std). A group of one sample gets 0.
+    norm_by_std=False is Dr. GRPO (no std). A group of one sample, or of equal scores, gets exactly 0.
     """
-    n, mean, std = _group_stats(scores.float(), group_ids)
+    _, mean, std, signal = _group_stats(scores.float(), group_ids)
     adv = scores.float() - mean
     if norm_by_std:
         adv = adv / (std + eps)
-    adv = torch.where(n > 1, adv, torch.zeros_like(adv))  # [B]
+    adv = torch.where(signal, adv, torch.zeros_like(adv))  # [B]
     return adv[:, None] * mask.to(adv.dtype)
 
 
@@ -156,11 +183,11 @@ def grpo_advantages(scores, group_ids, mask, norm_by_std: bool = True, eps: floa
 def rloo_advantages(scores, group_ids, mask) -> torch.Tensor:
     """RLOO: score minus the mean of the *other* samples of its group -> [B, L].
 
-    s_i - (sum - s_i)/(n - 1) = n/(n-1) * (s_i - mean). A group of one gets 0.
+    s_i - (sum - s_i)/(n - 1) = n/(n-1) * (s_i - mean). A group of one, or of equal scores, gets exactly 0.
     """
-    n, mean, _ = _group_stats(scores.float(), group_ids)
+    n, mean, _, signal = _group_stats(scores.float(), group_ids)
     adv = (scores.float() - mean) * n / (n - 1).clamp(min=1)
-    adv = torch.where(n > 1, adv, torch.zeros_like(adv))  # [B]
+    adv = torch.where(signal, adv, torch.zeros_like(adv))  # [B]
     return adv[:, None] * mask.to(adv.dtype)
 
 
@@ -174,11 +201,13 @@ def reinforce_pp_advantages(token_rewards, mask, gamma: float) -> torch.Tensor:
 def reinforce_pp_baseline_advantages(scores, group_ids, mask) -> torch.Tensor:
     """REINFORCE++ with baseline: (score - group mean) on every token, then whitened -> [B, L].
 
-    A group of one gets 0 before whitening (verl subtracts 0 there).
+    A group of one, or of equal scores, gets exactly 0, before and after whitening (verl subtracts
+    0 for a group of one, and the whitening shifts every row by the batch mean).
     """
-    n, mean, _ = _group_stats(scores.float(), group_ids)
-    adv = torch.where(n > 1, scores.float() - mean, torch.zeros_like(mean))  # [B]
-    return masked_whiten(adv[:, None] * mask.to(adv.dtype), mask)
+    _, mean, _, signal = _group_stats(scores.float(), group_ids)
+    adv = torch.where(signal, scores.float() - mean, torch.zeros_like(mean))  # [B]
+    whitened = masked_whiten(adv[:, None] * mask.to(adv.dtype), mask)  # [B, L]
+    return torch.where(signal[:, None], whitened, torch.zeros_like(whitened))
 
 
 @torch.no_grad()
@@ -219,8 +248,9 @@ def compute_advantages(
     """Dispatch on the estimator name -> (advantages [B, L], returns [B, L]).
 
     scores [B] is the outcome reward; token_rewards [B, L] (e.g. after a KL penalty)
-    wins when given, and outcome estimators then use its row sum, as verl does (except for a
-    row without trainable tokens, which keeps its score: verl would count it as 0).
+    wins when given, and outcome estimators (grpo, rloo, reinforce_plus_plus_baseline) then use
+    its row sum under the mask: rewards on masked tool tokens or padding do not count (verl sums
+    the whole row), and a row without trainable tokens keeps its score (verl would count it as 0).
     Without token_rewards, the score sits on the last response token.
     """
     if estimator not in ADV_ESTIMATORS:
@@ -309,8 +339,9 @@ class AdaptiveKLController:
 def apply_kl_penalty(token_rewards, logp, ref_logp, mask, coef: float, kind: str):
     """token_rewards - coef * KL on response tokens -> ([B, L], {"kl", "kl_coef"}).
 
-    "kl" is the mean over samples of the per-sample token-mean KL (verl's
-    `actor/reward_kl_penalty`); feed it to the controller's `update`.
+    "kl" is the mean over samples with at least one token of the per-sample token-mean KL
+    (verl's `actor/reward_kl_penalty`, which also counts empty rows as 0: item 6 of the module
+    docstring); feed it to the controller's `update`.
     """
     kl = _zero_masked(kl_penalty(logp.float(), ref_logp.float(), kind), mask)  # [B, L]
     rows = mask.sum(-1) > 0
@@ -391,48 +422,45 @@ def value_loss(values, old_values, returns, mask, cliprange: float, agg_mode: st
     return loss, {"vf_clipfrac": float(masked_mean((loss_clipped > loss_unclipped).float(), mask).detach())}
 
 
-# ---------------------------------------------------------------- log-probs from logits
-def _chunked(fn, logits: torch.Tensor, *rest: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Apply fn to row chunks of logits [N, V] (and rest [N]) -> [N] in float32.
-
-    Under autograd each chunk is recomputed in backward (checkpoint), so only the
-    logits themselves are kept: peak extra memory is one chunk's [chunk, V] float32.
-    """
-    import torch.utils.checkpoint  # noqa: F401  (submodule, not loaded by `import torch`)
-
-    outs = []
-    grad = torch.is_grad_enabled() and logits.requires_grad
-    for i in range(0, logits.shape[0], chunk_size):
-        args = (logits[i : i + chunk_size], *(r[i : i + chunk_size] for r in rest))
-        if grad:
-            outs.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False))
-        else:
-            outs.append(fn(*args))
-    return torch.cat(outs) if outs else logits.new_zeros(0, dtype=torch.float32)
-
-
-def _logprob_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    z = logits.float()  # [n, V]; upcast per chunk (bf16 log-softmax loses ~2 digits)
-    return z.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
-
-
-def _entropy_rows(logits: torch.Tensor) -> torch.Tensor:
-    z = logits.float()  # [n, V]
-    p = torch.softmax(z, -1)
+# ---------------------------------------------------------------- log-probs and entropy
+def _logp_entropy_rows(z: torch.Tensor, labels: torch.Tensor, with_entropy: bool):
+    """z [n, V] float32 logits, labels [n] -> (log softmax(z)[label] [n], entropy [n])."""
+    lse = torch.logsumexp(z, -1)  # [n]
+    logp = z.gather(-1, labels[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    p = (z - lse[:, None]).exp()  # [n, V] softmax
     expected_z = (p * torch.where(p > 0, z, 0.0)).sum(-1)  # where: a -inf logit has p = 0, not NaN
-    return torch.logsumexp(z, -1) - expected_z  # H = lse(z) - E_p[z]
+    return logp, lse - expected_z  # H = lse(z) - E_p[z]
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
-    """log softmax(logits)[label] for logits [..., V], labels [...] -> float32 [...]."""
-    flat = _chunked(_logprob_rows, logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), chunk_size=chunk_size)
-    return flat.reshape(labels.shape)
+def _needs_grad(hidden: torch.Tensor, head) -> bool:
+    params = head.parameters() if isinstance(head, torch.nn.Module) else ()
+    return torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
-    """Entropy of softmax(logits) for logits [..., V] -> float32 [...]."""
-    flat = _chunked(_entropy_rows, logits.reshape(-1, logits.shape[-1]), chunk_size=chunk_size)
-    return flat.reshape(logits.shape[:-1])
+def logp_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, temperature: float = 1.0,
+                 with_entropy: bool = True, chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label) and entropy of softmax(head(hidden) / temperature), chunked over tokens.
+
+    hidden [..., H]; head maps [n, H] -> [n, V] logits (an lm_head; None when hidden already are
+    the logits); labels [...] long -> (logp, entropy), float32 [...] each; entropy is 0 when
+    with_entropy=False. Logits are upcast to float32 per chunk (bf16 log-softmax loses ~2 digits),
+    so [tokens, V] logits exist for one chunk at a time; under autograd (hidden, or an nn.Module
+    head's parameters, require grad) each chunk is checkpointed and recomputed in backward.
+    """
+    head = (lambda x: x) if head is None else head
+    temperature = max(temperature, 1e-6)
+
+    def chunk(h: torch.Tensor, y: torch.Tensor):  # h [n, H], y [n]
+        return _logp_entropy_rows(head(h).float() / temperature, y, with_entropy)
+
+    ckpt = _needs_grad(hidden, head)
+    pairs = zip(hidden.reshape(-1, hidden.shape[-1]).split(chunk_size), labels.reshape(-1).split(chunk_size))
+    outs = [torch.utils.checkpoint.checkpoint(chunk, h, y, use_reentrant=False) if ckpt else chunk(h, y)
+            for h, y in pairs]
+    logp, ent = (torch.cat(parts).reshape(labels.shape) for parts in zip(*outs))
+    return logp, ent
 
 
 # ---------------------------------------------------------------- rollout vs training policy

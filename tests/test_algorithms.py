@@ -34,7 +34,16 @@ def test_masked_whiten_uses_unbiased_variance_and_zeroes_masked():
     # mean of 1, 2, 3 is 2; unbiased var (1 + 0 + 1) / 2 = 1 -> -1, 0, 1; the 100 is padding
     out = A.masked_whiten(t([[1.0, 2.0, 3.0, 100.0]]), t([[1, 1, 1, 0]]))
     close(out, [[-1.0, 0.0, 1.0, 0.0]])
-    close(A.masked_whiten(t([[5.0, 7.0]]), t([[1, 0]])), [[0.0, 0.0]])  # one token: only centred
+    close(A.masked_whiten(t([[5.0, 7.0]]), t([[1, 0]])), [[0.0, 0.0]])  # one token: no spread -> 0
+
+
+def test_masked_whiten_without_spread_is_exactly_zero():
+    # nine masked values of 0.3 (the 3.0 is padding): no spread -> exact zeros; the float32 mean
+    # is not exactly 0.3, and (0.3 - mean) / sqrt(0 + 1e-8) used to give 3e-4
+    x, mask = torch.full((2, 5), 0.3), torch.ones(2, 5)
+    x[1, 4], mask[1, 4] = 3.0, 0.0
+    assert torch.equal(A.masked_whiten(x, mask), torch.zeros(2, 5))
+    assert torch.equal(A.masked_whiten(x, torch.zeros(2, 5)), torch.zeros(2, 5))  # nothing masked in
 
 
 # ------------------------------------------------------------------ aggregation
@@ -62,6 +71,11 @@ def test_agg_loss_sum_norm_with_explicit_length_and_empty_rows():
     close(A.agg_loss(LOSS, LOSS_MASK, "seq-mean-token-sum-norm", norm_len=6), 1.5)  # (3/6 + 15/6) / 2
     # a row with no token is left out of seq-mean-token-mean instead of giving NaN: (3 + 4) / 2
     close(A.agg_loss(t([[1.0, 2.0], [3.0, 4.0]]), t([[0, 0], [1, 1]]), "seq-mean-token-mean"), 3.5)
+    # seq-mean-token-sum divides by the rows with a token, as verl: (1 + 1) / 1 row = 2 (not / 2 rows = 1)
+    loss, empty_row = t([[1.0, 1.0], [5.0, 5.0]]), t([[1, 1], [0, 0]])
+    close(A.agg_loss(loss, empty_row, "seq-mean-token-sum"), 2.0)
+    # seq-mean-token-sum-norm keeps Dr. GRPO's constant divisor B * norm_len: (1 + 1) / (2 rows * 2) = 0.5
+    close(A.agg_loss(loss, empty_row, "seq-mean-token-sum-norm"), 0.5)
     with pytest.raises(ValueError, match="token-mean"):
         A.agg_loss(LOSS, LOSS_MASK, "mean")
 
@@ -80,6 +94,30 @@ def test_grpo_with_std():
     r = 1 / math.sqrt(2)
     adv = A.grpo_advantages(SCORES, GROUPS, MASK2)
     close(adv, [[-1, -1], [-r, 0], [0, 0], [0, 0], [r, r], [0, 0]], atol=1e-5)
+
+
+def test_equal_scores_give_exactly_zero_advantage():
+    # sixteen scores of 0.1: the float32 group mean is not exactly 0.1, and (0.1 - mean) / (std + 1e-6)
+    # used to give -0.0147; all equal means no signal -> exactly 0 for every group estimator
+    same, one_group, mask = torch.full((16,), 0.1), torch.zeros(16, dtype=torch.long), torch.ones(16, 3)
+    for adv in (A.grpo_advantages(same, one_group, mask), A.grpo_advantages(same, one_group, mask, norm_by_std=False),
+                A.rloo_advantages(same, one_group, mask), A.reinforce_pp_baseline_advantages(same, one_group, mask)):
+        assert torch.equal(adv, torch.zeros(16, 3))
+
+
+def test_constant_group_is_zero_beside_a_group_with_signal():
+    # group 0: 0.1, 0.1, 0.1 (no signal) | group 1: 0, 1 -> mean 0.5, unbiased std sqrt(0.5) = 0.707107
+    scores, groups, mask = t([0.1, 0.0, 0.1, 1.0, 0.1]), torch.tensor([0, 1, 0, 1, 0]), torch.ones(5, 1)
+    zero = (scores == 0.1)[:, None]  # rows of group 0
+    grpo = A.grpo_advantages(scores, groups, mask)  # group 1: -+0.5 / 0.707107 = -+0.707107
+    close(grpo, [[0.0], [-0.707107], [0.0], [0.707107], [0.0]])
+    rloo = A.rloo_advantages(scores, groups, mask)  # group 1: 0 - 1 and 1 - 0
+    close(rloo, [[0.0], [-1.0], [0.0], [1.0], [0.0]])
+    # reinforce++ baseline: values 0, -0.5, 0, 0.5, 0: mean 0, unbiased var 0.5 / 4 -> -+0.5 / 0.353553
+    rpp = A.reinforce_pp_baseline_advantages(scores, groups, mask)
+    close(rpp, [[0.0], [-1.414214], [0.0], [1.414214], [0.0]])
+    for adv in (grpo, rloo, rpp):
+        assert torch.equal(adv[zero], torch.zeros(3))
 
 
 def test_grpo_without_std_and_equal_rewards():
@@ -167,6 +205,17 @@ def test_compute_advantages_dispatch_and_errors():
     close(adv_tok[:, 0], [-2 / 3, -1.5, 1 / 3, 0.0, 1.5, 0.0])
     with pytest.raises(ValueError, match="grpo.*rloo"):
         A.compute_advantages("ppo", scores=SCORES, group_ids=GROUPS, mask=MASK2)
+
+
+def test_token_rewards_on_masked_positions_do_not_count():
+    # row 0's second token is a tool token (mask 0) holding a reward of 5: the outcome is 1, not 6
+    # outcomes 1 and 2 in one group: mean 1.5 -> grpo without std -0.5, +0.5; rloo 1 - 2, 2 - 1
+    tok, mask, group = t([[1.0, 5.0], [2.0, 0.0]]), t([[1, 0], [1, 1]]), torch.tensor([0, 0])
+    grpo, _ = A.compute_advantages("grpo", scores=None, group_ids=group, mask=mask, token_rewards=tok,
+                                   norm_adv_by_std_in_grpo=False)
+    close(grpo, [[-0.5, 0.0], [0.5, 0.5]])
+    rloo, _ = A.compute_advantages("rloo", scores=None, group_ids=group, mask=mask, token_rewards=tok)
+    close(rloo, [[-1.0, 0.0], [1.0, 1.0]])
     with pytest.raises(ValueError, match="values"):
         A.compute_advantages("gae", scores=SCORES, group_ids=GROUPS, mask=MASK2)
     with pytest.raises(ValueError, match="baseline"):
@@ -223,6 +272,14 @@ def test_apply_kl_penalty():
     close(out, [[-0.1, 1.0], [-0.05, 2.0]])  # kl = [[1, 0], [0.5, -]] times 0.1
     assert m["kl"] == pytest.approx(0.5)  # row token-means (1 + 0) / 2 and 0.5 / 1, averaged
     assert m["kl_coef"] == pytest.approx(0.1)
+
+
+def test_kl_metric_averages_only_rows_with_tokens():
+    # row 0: token KLs 1 - 0 = 1 and 0 - 0 = 0 -> mean 0.5; row 1 has no token, so no KL:
+    # 0.5 here, where verl's (0.5 + 0) / 2 = 0.25 would make the adaptive controller under-estimate it
+    logp, mask = t([[1.0, 0.0], [1.0, 0.0]]), t([[1, 1], [0, 0]])
+    _, m = A.apply_kl_penalty(torch.zeros(2, 2), logp, torch.zeros(2, 2), mask, coef=0.1, kind="kl")
+    assert m["kl"] == pytest.approx(0.5)
 
 
 # ------------------------------------------------------------------ policy losses
@@ -301,29 +358,69 @@ def test_value_loss_clipping():
 
 
 # ------------------------------------------------------------------ log-probs and entropy
-def test_logprobs_and_entropy_hand_computed():
-    logits = t([[0.0, 0.0, LN2]])  # probs 1/4, 1/4, 1/2
-    close(A.logprobs_from_logits(logits, torch.tensor([2])), [-LN2])
-    close(A.entropy_from_logits(logits), [1.5 * LN2])  # 2 * 1/4 * ln 4 + 1/2 * ln 2
-    close(A.entropy_from_logits(t([[0.0, 0.0, float("-inf")]])), [LN2])  # an impossible token
+def test_logp_entropy_hand_computed_with_temperature():
+    # logits / T = [0, 0, 2 ln2] / 2 = [0, 0, ln2]: probs 1/4, 1/4, 1/2
+    # log p(2) = -ln2; H = 2 * 1/4 * ln4 + 1/2 * ln2 = 1.5 ln2
+    logp, ent = A.logp_entropy(t([[0.0, 0.0, 2 * LN2]]), None, torch.tensor([2]), temperature=2.0)
+    close(logp, [-LN2])
+    close(ent, [1.5 * LN2])
+    # an impossible token (-inf logit) has p = 0 and adds nothing: H of (1/2, 1/2) = ln2, not NaN
+    _, ent = A.logp_entropy(t([[0.0, 0.0, float("-inf")]]), None, torch.tensor([0]))
+    close(ent, [LN2])
+    logp, ent = A.logp_entropy(t([[0.0, 0.0, 2 * LN2]]), None, torch.tensor([2]), with_entropy=False)
+    close(logp, [math.log(4 / 6)])  # T = 1: exp(logits) = 1, 1, 4 -> p(2) = 4 / 6
+    assert torch.equal(ent, torch.zeros(1))
 
 
-def test_chunked_logprobs_and_entropy_match_direct_with_gradients():
+def _plain_logp_entropy(hidden, head, labels, temperature):
+    """The un-chunked reference: full [b, l, V] logits, log_softmax, -(p * logp).sum."""
+    ls = torch.log_softmax(head(hidden).float() / temperature, -1)  # [b, l, V]
+    return ls.gather(-1, labels[..., None]).squeeze(-1), -(ls.exp() * ls).sum(-1)
+
+
+def test_logp_entropy_chunked_matches_plain_values_and_gradients():
     torch.manual_seed(0)
-    logits = torch.randn(3, 5, 11, requires_grad=True)
-    labels = torch.randint(0, 11, (3, 5))
-    logp = A.logprobs_from_logits(logits, labels, chunk_size=4)  # 15 rows in chunks of 4
-    ent = A.entropy_from_logits(logits, chunk_size=4)
-    ls = torch.log_softmax(logits, -1)
-    ref_logp = ls.gather(-1, labels[..., None]).squeeze(-1)
-    ref_ent = -(ls.exp() * ls).sum(-1)
+    head = torch.nn.Linear(4, 11)
+    hidden = torch.randn(2, 5, 4, requires_grad=True)  # 10 tokens in chunks of 3: 4 chunks
+    labels = torch.randint(0, 11, (2, 5))
+    w_logp, w_ent = torch.randn(2, 5), torch.randn(2, 5)  # weigh the outputs so every gradient differs
+    logp, ent = A.logp_entropy(hidden, head, labels, temperature=0.7, chunk_size=3)
+    ref_logp, ref_ent = _plain_logp_entropy(hidden, head, labels, 0.7)
+    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == (2, 5)
     close(logp, ref_logp.detach())
     close(ent, ref_ent.detach())
-    (g1,) = torch.autograd.grad((logp.sum() + ent.sum()), logits)
-    (g2,) = torch.autograd.grad((ref_logp.sum() + ref_ent.sum()), logits)
-    close(g1, g2)
-    half = A.logprobs_from_logits(logits.detach().bfloat16(), labels)
-    assert half.dtype == torch.float32 and half.shape == (3, 5)
+    params = (hidden, head.weight, head.bias)
+    got = torch.autograd.grad((logp * w_logp).sum() + (ent * w_ent).sum(), params)
+    want = torch.autograd.grad((ref_logp * w_logp).sum() + (ref_ent * w_ent).sum(), params)
+    for g, w in zip(got, want):
+        close(g, w)
+
+
+def test_logp_entropy_checkpoints_each_chunk_under_autograd():
+    head = torch.nn.Linear(4, 6)
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    hidden, labels = torch.randn(7, 4), torch.zeros(7, dtype=torch.long)  # chunks of 3: 3, 3, 1
+    logp, _ = A.logp_entropy(hidden, head, labels, chunk_size=3)  # only the head's weights need grad
+    assert len(calls) == 3
+    logp.sum().backward()
+    assert len(calls) == 6  # backward ran the head again on each of the 3 chunks
+    with torch.no_grad():
+        A.logp_entropy(hidden, head, labels, chunk_size=3)
+    assert len(calls) == 9  # no graph, no recomputation
+
+
+def test_logp_entropy_bf16_head_gives_float32_close_to_float32():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 16)
+    hidden, labels = torch.randn(3, 4, 8), torch.randint(0, 16, (3, 4))
+    ref_logp, ref_ent = _plain_logp_entropy(hidden, head, labels, 1.0)
+    half = torch.nn.Linear(8, 16).to(torch.bfloat16)
+    half.load_state_dict(head.state_dict())
+    logp, ent = A.logp_entropy(hidden.bfloat16(), half, labels, chunk_size=5)
+    assert logp.dtype == ent.dtype == torch.float32
+    close(logp, ref_logp.detach(), atol=0.05)  # bf16 keeps ~3 digits of the logits
+    close(ent, ref_ent.detach(), atol=0.05)
 
 
 # ------------------------------------------------------------------ rollout vs train
@@ -343,13 +440,21 @@ def test_rollout_mismatch_metrics():
 
 
 def test_micro_weights_sum_micro_losses_to_the_mini_batch_loss():
-    # two micro-batches: rows [A] with 3 tokens and [B, C] with 1 and 0 tokens
-    loss = t([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0], [7.0, 7.0, 7.0]])
-    mask = t([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    # rows A (3 tokens, sum 6), B (1 token, 10), C and D (no token: the 7s never count)
+    loss = t([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0], [7.0, 7.0, 7.0], [7.0, 7.0, 7.0]])
+    mask = t([[1, 1, 1], [1, 0, 0], [0, 0, 0], [0, 0, 0]])
+    # mini-batch by hand: token-mean 16 / 4 tokens = 4; seq-mean-token-sum (6 + 10) / 2 non-empty rows = 8;
+    # seq-mean-token-mean (2 + 10) / 2 = 6; seq-mean-token-sum-norm (6 + 10) / 3 / 4 rows = 4/3
+    expected = {"token-mean": 4.0, "seq-mean-token-sum": 8.0, "seq-mean-token-mean": 6.0,
+                "seq-mean-token-sum-norm": 4 / 3}
+    splits = [[slice(0, 1), slice(1, 4)], [slice(0, 2), slice(2, 4)], [slice(0, 1), slice(1, 2), slice(2, 4)]]
     for mode in A.AGG_MODES:
-        parts = [(slice(0, 1)), (slice(1, 3))]
-        total = sum(A.agg_loss(loss[p], mask[p], mode, norm_len=3) * A.micro_weight(mask[p], mask, mode)
-                    for p in parts)
-        close(total, A.agg_loss(loss, mask, mode, norm_len=3))
-    # token-mean by hand: (1+2+3+10) / 4 tokens = 4; the first micro-batch carries 3/4 of it
-    assert A.micro_weight(mask[:1], mask, "token-mean") == 0.75
+        close(A.agg_loss(loss, mask, mode, norm_len=3), expected[mode])
+        for parts in splits:  # the last micro-batch of the 2nd and 3rd splits has only empty rows
+            total = sum(A.agg_loss(loss[p], mask[p], mode, norm_len=3) * A.micro_weight(mask[p], mask, mode)
+                        for p in parts)
+            close(total, expected[mode])
+    assert A.micro_weight(mask[:1], mask, "token-mean") == 0.75  # 3 of the 4 tokens
+    assert A.micro_weight(mask[:1], mask, "seq-mean-token-sum") == 0.5  # 1 of the 2 non-empty rows
+    assert A.micro_weight(mask[2:], mask, "seq-mean-token-sum") == 0.0  # empty rows carry nothing
+    assert A.micro_weight(mask[2:], mask, "seq-mean-token-sum-norm") == 0.5  # 2 of the 4 rows
