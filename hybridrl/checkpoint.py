@@ -1,15 +1,23 @@
-"""Checkpoints: save atomically (temp folder, then rename), find the latest, resume, export to HF.
+"""Checkpoints: one run per folder (a lock), save atomically (temp folder, then rename), find the latest
+intact one, resume, export to HF.
 
-Layout:  <run_dir>/checkpoints/step_000004/{trainer.pt, state.json}
-`trainer.pt` holds actor (model, optimizer, scheduler), critic, KL controller, RNG states;
-`state.json` holds the step and the data-loader position, readable without torch.
+Layout:  <run_dir>/.lock   <run_dir>/checkpoints/step_000004/{trainer.pt, state.json}
+`trainer.pt` holds actor (model, optimizer, scheduler), critic, KL controller, RNG states: only tensors,
+numbers, strings and containers, so it loads with `torch.load(weights_only=True)`, which runs no code
+from the file. `state.json` holds the step, the data-loader position and trainer.pt's size, readable
+without torch.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
 import shutil
+import sys
+import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -36,6 +44,48 @@ def check_writable(path: str | Path) -> None:
                             "trainer.default_local_dir=DIR") from None
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold `<run_dir>/.lock` (an exclusive flock) for the whole run; a second run on the folder fails at once.
+
+    The OS drops the lock when its process dies, so a lock file left by a crashed run never blocks;
+    the PID written in it is only for the message.
+    """
+    import fcntl
+
+    path = Path(run_dir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")            # not "w": truncating before holding the lock would erase the holder's PID
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid, started = _lock_holder(fh.read())
+        fh.close()
+        raise HybridRLError(f"{path.parent} is in use by another hybridrl run (PID {pid}, started {started}): two runs "
+                            "in one folder overwrite each other's checkpoints and metrics; fix: use another "
+                            f"trainer.experiment_name or trainer.default_local_dir, or stop PID {pid}") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        fh.flush()
+        yield path
+    finally:
+        fh.truncate(0)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _lock_holder(text: str) -> tuple[str, str]:
+    """(pid, start time) from a lock file's text; the holder may not have written it yet."""
+    try:
+        info = json.loads(text)
+        return str(info["pid"]), str(info["started"])
+    except (ValueError, KeyError, TypeError):
+        return "unknown", "just now"
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -49,20 +99,50 @@ def set_rng_state(s: dict) -> None:
 
 
 def save(run_dir: str | Path, step: int, trainer_state: dict, state: dict, keep: int = 2) -> Path:
+    """Write step_NNNNNN atomically (temp folder, fsync, rename), then prune to the newest `keep`."""
     root = ckpt_root(run_dir)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp_{PREFIX}{step:06d}"
+    previous = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        with open(tmp / "trainer.pt", "wb") as f:   # a file object: a full disk raises OSError, not RuntimeError
+            torch.save({**trainer_state, "rng": rng_state()}, f)
+            _flush(f)
+        size = (tmp / "trainer.pt").stat().st_size
+        with open(tmp / "state.json", "w") as f:
+            f.write(json.dumps({**state, "step": step, "trainer_pt_bytes": size}, indent=1))
+            _flush(f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise HybridRLError(f"disk full while writing checkpoint {final}; {kept}; fix: free space on that disk "
+                                "or lower trainer.max_actor_ckpt_to_keep") from None
+        raise HybridRLError(f"cannot write checkpoint {final} ({e.strerror}); {kept}") from None
     older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
     for old in older[:len(older) - (keep - 1)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _flush(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable: a power cut right after it must not bring back the old name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def step_of(path: Path) -> int:
@@ -77,38 +157,102 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def find_resume_path(run_dir: str | Path, mode: str, path: str) -> Path | None:
+    """The checkpoint to resume from: the newest intact one (a broken newer one is skipped with a warning)."""
     if mode == "disable":
         return None
     if mode == "resume_path":
         p = Path(path)
-        if not (p / "state.json").exists():
-            found = list_checkpoints(p) if p.is_dir() else []
-            if not found:
-                raise HybridRLError(f"trainer.resume_from_path={path!r} is not a checkpoint (no state.json): "
-                                    f"point it at a folder like {ckpt_root(run_dir)}/step_000004")
-            p = found[-1]
-        return p
+        if (p / "state.json").exists():    # one checkpoint, named by the user: it must be intact
+            problem = damage(p)
+            if problem:
+                raise HybridRLError(f"checkpoint {p} is damaged ({problem}); fix: point trainer.resume_from_path "
+                                    f"at an earlier checkpoint, e.g. one in {p.parent}")
+            return p
+        found = _newest_intact(list_checkpoints(p) if p.is_dir() else [])
+        if found is None:
+            raise HybridRLError(f"trainer.resume_from_path={path!r} is not a checkpoint (no intact state.json): "
+                                f"point it at a folder like {ckpt_root(run_dir)}/step_000004")
+        return found
     found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    intact = _newest_intact(found)
+    if found and intact is None:
+        raise HybridRLError(f"every checkpoint in {ckpt_root(run_dir)} is damaged (see the warnings above); fix: "
+                            "start a new run (another trainer.experiment_name) or copy an intact checkpoint there")
+    return intact
+
+
+def _newest_intact(found: list[Path]) -> Path | None:
+    for p in reversed(found):
+        problem = damage(p)
+        if problem is None:
+            return p
+        print(f"warning: skipping damaged checkpoint {p} ({problem}); trying the one before it", file=sys.stderr,
+              flush=True)
+    return None
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder, found cheaply (no unpickling), or None when it looks intact."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"state.json unreadable: {type(e).__name__}: {str(e)[:100]}"
+    pt = path / "trainer.pt"
+    if not pt.is_file():
+        return "trainer.pt missing"
+    size, expected = pt.stat().st_size, state.get("trainer_pt_bytes")
+    if expected is not None and size != expected:
+        return f"trainer.pt is {size} bytes, {expected} were written"
+    try:
+        with zipfile.ZipFile(pt):   # torch.save's format is a zip; a truncated one has no central directory
+            pass
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"trainer.pt is truncated or not a torch checkpoint: {e}"
+    return None
 
 
 def load(path: str | Path) -> tuple[dict, dict]:
-    """Returns (trainer_state, state); RNG states are restored here."""
+    """Returns (trainer_state, state); RNG states are restored here. Never runs code from the file."""
+    import pickle
+
     path = Path(path)
+    problem = damage(path)
+    if problem:
+        raise HybridRLError(f"checkpoint {path} is damaged ({problem}); fix: resume from an earlier checkpoint "
+                            "(trainer.resume_from_path=...)")
     state = json.loads((path / "state.json").read_text())
-    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    try:
+        trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise HybridRLError(f"refusing to load {path / 'trainer.pt'}: it holds objects other than tensors and plain "
+                            f"values ({str(e).splitlines()[-1][:160]}), which hybridrl never writes; unpickling them "
+                            "could run code from the file. fix: resume only from checkpoints hybridrl wrote") from None
+    except (RuntimeError, EOFError) as e:
+        raise HybridRLError(f"checkpoint {path / 'trainer.pt'} is corrupt ({type(e).__name__}: {str(e)[:160]}); "
+                            "fix: resume from an earlier checkpoint (trainer.resume_from_path=...)") from None
     set_rng_state(trainer_state.pop("rng"))
     return trainer_state, state
 
 
 def export_hf(model, tokenizer, out_dir: str | Path) -> Path:
-    """The actor as a plain Hugging Face folder (safetensors + config + tokenizer), written atomically."""
+    """The actor as a plain Hugging Face folder (safetensors + config + tokenizer), written atomically:
+    the old export is renamed aside, the new one renamed in, then the old one removed."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"error ({e.strerror})"
+        raise HybridRLError(f"{what} while writing the export {out}; the checkpoints are intact"
+                            + (f" and so is the previous export {out}" if out.exists() else "")) from None
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out

@@ -36,6 +36,11 @@ SUFFIXES = (".parquet", ".jsonl", ".json")
 def read_rows(path) -> list[dict]:
     """All rows of a .parquet / .jsonl / .json file as dicts (HybridRLError when missing or unreadable)."""
     path = str(path)
+    if os.path.isdir(path):
+        inside = sorted(f for f in os.listdir(path) if Path(f).suffix.lower() in SUFFIXES)
+        raise HybridRLError(f"data file {path} is a directory, expected a parquet/jsonl file; fix: "
+                            + (f"name a file in it: {', '.join(os.path.join(path, f) for f in inside[:4])}" if inside
+                               else f"it holds no {' / '.join(SUFFIXES)} file; {DATA_FIX}"))
     if not os.path.isfile(path):
         raise HybridRLError(f"data file {path} not found; {DATA_FIX}")
     suffix = Path(path).suffix.lower()
@@ -59,9 +64,38 @@ def _read(path: str, suffix: str) -> list[dict]:
         try:
             rows = json.loads(text)
             return rows if isinstance(rows, list) else [rows]
-        except json.JSONDecodeError:
-            pass  # many ".json" files are JSON lines
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            if not _is_json_lines(text):
+                raise _bad_json(path, e.lineno, e, text.splitlines()[e.lineno - 1]) from None
+    return _json_lines(text, path)
+
+
+def _json_lines(text: str, path: str) -> list[dict]:
+    """One JSON value per line; an error names the line in the file (json.loads alone would say "line 1")."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise _bad_json(path, n, e, line) from None
+    return rows
+
+
+def _bad_json(path: str, line_no: int, e: json.JSONDecodeError, line: str) -> HybridRLError:
+    return HybridRLError(f"cannot read data file {path}, line {line_no}: not valid JSON ({e.msg}, column {e.colno}): "
+                         f"{line[:60]!r}; fix: repair that line")
+
+
+def _is_json_lines(text: str) -> bool:
+    """A ".json" file that is JSON lines: its first non-empty line is a whole JSON value."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        json.loads(first)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def write_rows(rows: list[dict], path) -> str:

@@ -271,22 +271,120 @@ def default_model_path() -> str:
 
 # ---------------------------------------------------------------- checks and loading
 
-def check_model_dir(path) -> None:
-    """Raise HybridRLError unless `path` is a HF folder with config.json and weights."""
-    fix = "fix: run `hybridrl prepare-model smollm2` or point model.path at a Hugging Face model folder"
+MODEL_FIX = ("fix: run `hybridrl prepare-model smollm2` or point model.path (and model.tokenizer_path, if set) at a "
+             "Hugging Face model folder")
+
+
+def check_model_dir(path, trust_remote_code: bool = False) -> None:
+    """Raise HybridRLError unless `path` is a HF folder with a readable config.json of a known architecture
+    (or, with trust_remote_code, one whose code ships in the folder) and complete weights (safetensors
+    headers are checked, which reads no tensors)."""
+    folder = _existing_folder(path)
+    if not (folder / "config.json").exists():
+        raise HybridRLError(f"model folder {path} has no config.json; {MODEL_FIX}")
+    config = read_model_config(folder)
+    _check_architecture(folder, config, trust_remote_code)
+    safetensors, bins = sorted(folder.glob("*.safetensors")), list(folder.glob("*.bin"))
+    if not (safetensors or bins):
+        raise HybridRLError(f"model folder {path} has no weights (*.safetensors or *.bin); {MODEL_FIX}")
+    _check_shards(folder)
+    for f in safetensors:
+        problem = safetensors_damage(f)
+        if problem:
+            raise HybridRLError(f"model folder {path}: weights file {f.name} is corrupt ({problem}); fix: copy or "
+                                "download that file again, or re-export the model")
+
+
+def _existing_folder(path) -> Path:
     folder = Path(path)
     if not folder.is_dir():
-        raise HybridRLError(f"model folder {path} does not exist (or is not a folder); {fix}")
-    if not (folder / "config.json").exists():
-        raise HybridRLError(f"model folder {path} has no config.json; {fix}")
-    if not (list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))):
-        raise HybridRLError(f"model folder {path} has no weights (*.safetensors or *.bin); {fix}")
+        raise HybridRLError(f"model folder {path} does not exist (or is not a folder); {MODEL_FIX}")
+    return folder
+
+
+def read_model_config(folder) -> dict:
+    """config.json as a dict; HybridRLError naming config.json when it is not valid JSON."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HybridRLError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix: repair "
+                            "config.json or copy it again from the model's source") from None
+    if not isinstance(config, dict):
+        raise HybridRLError(f"{path} holds a {type(config).__name__}, not a JSON object; fix: repair config.json")
+    return config
+
+
+def _check_architecture(folder: Path, config: dict, trust_remote_code: bool) -> None:
+    """transformers must know the config's model_type, else loading fails deep inside from_pretrained."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING_NAMES or (trust_remote_code and "auto_map" in config):
+        return
+    if "auto_map" in config:
+        raise HybridRLError(f"model folder {folder}: architecture {model_type!r} comes with its own code in the folder "
+                            "(config.json auto_map); fix: set model.trust_remote_code=True if you trust that code")
+    arch = ", ".join(config.get("architectures") or []) or "not given"
+    what = f"architecture {model_type!r}" if model_type else "no model_type"
+    raise HybridRLError(f"model folder {folder}: config.json has {what} (architectures: {arch}), which transformers "
+                        f"{transformers.__version__} does not know; fix: use a model of a supported architecture "
+                        "(e.g. qwen2, llama) or upgrade transformers")
+
+
+def _check_shards(folder: Path) -> None:
+    """Every shard that model.safetensors.index.json names must be there."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError) as e:
+        raise HybridRLError(f"{index} is unreadable ({type(e).__name__}: {e}); fix: copy it again") from None
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise HybridRLError(f"model folder {folder} lacks {len(missing)} of {len(shards)} weight shards named in "
+                            f"{index.name} (e.g. {missing[0]}); fix: copy or download the missing files")
+
+
+def safetensors_damage(path) -> str | None:
+    """What is wrong with a .safetensors file's layout (header length, header JSON, data size), or None."""
+    import json
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than the 8-byte header length"
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            return f"header of {n} bytes but the file has {size} bytes: truncated"
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "its header is not valid JSON"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and "data_offsets" in t]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes where its header describes {expected}: " + \
+            ("truncated" if size < expected else "extra data")
+    return None
 
 
 def load_tokenizer(path):
     """Load a tokenizer folder; it must carry a chat template (prompts are chat messages)."""
     from transformers import AutoTokenizer
 
+    folder = _existing_folder(path)
+    if (folder / "config.json").exists():
+        read_model_config(folder)   # AutoTokenizer reads it too, and would blame a broken one on the tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:

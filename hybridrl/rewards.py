@@ -9,7 +9,9 @@
       def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | dict
   (a dict must hold "score"; its other keys are logged).
 
-`load_reward_fn(cfg)` returns fn(data_source, solution_str, ground_truth, extra_info) -> {"score": float, ...}.
+`load_reward_fn(cfg)` returns fn(data_source, solution_str, ground_truth, extra_info) -> {"score": float, ...};
+`score_samples(samples, fn, timeout_s)` runs it over a batch on a few threads, each call bounded by
+`timeout_s`, and turns a hang, an exception or a non-finite score into a HybridRLError naming the sample.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ import inspect
 import json
 import math
 import os
+import queue
 import re
+import threading
+import time
 from typing import Any, Callable
 
 from hybridrl import HybridRLError
@@ -144,20 +149,27 @@ def _load_custom(path: str, name: str) -> Callable:
 
 
 def _as_dict(value: Any, where: str) -> dict:
-    """A reward result as {"score": float, ...}."""
+    """A reward result as {"score": float, ...}; the score must be a finite real number (not a string)."""
     if isinstance(value, dict):
         if "score" not in value:
             raise HybridRLError(f"reward function {where} returned a dict without 'score' (keys {sorted(value)}); "
                                 f"fix: return a float or a dict with a 'score' key")
-        return {**value, "score": float(value["score"])}
+        return {**value, "score": _finite(value["score"], where)}
+    return {"score": _finite(value, where)}
+
+
+def _finite(value: Any, where: str) -> float:
+    """A score as a finite float; a str ("1.0") is a bug in the function, not a score."""
     try:
-        score = float(value)
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        score = float(value)   # int, float, bool, numpy and 0-d torch numbers
     except (TypeError, ValueError):
-        raise HybridRLError(f"reward function {where} returned {type(value).__name__} {value!r}; "
-                            f"fix: return a float or a dict with a 'score' key") from None
-    if math.isnan(score):
-        raise HybridRLError(f"reward function {where} returned NaN; fix: return a finite float")
-    return {"score": score}
+        raise HybridRLError(f"reward function {where} returned {type(value).__name__} {str(value)[:40]!r} as the "
+                            f"score; fix: return a float or a dict with a float 'score'") from None
+    if not math.isfinite(score):
+        raise HybridRLError(f"reward function {where} returned {score} as the score; fix: return a finite float")
+    return score
 
 
 def load_reward_fn(reward_cfg) -> Callable[[str, str, Any, dict], dict]:
@@ -169,6 +181,7 @@ def load_reward_fn(reward_cfg) -> Callable[[str, str, Any, dict], dict]:
         def custom(data_source, solution_str, ground_truth, extra_info=None) -> dict:
             return _as_dict(user_fn(data_source, solution_str, ground_truth, extra_info), where)
 
+        custom.__qualname__ = where   # the name score_samples' errors give
         return custom
     gsm8k_kwargs = {"method": reward_cfg.gsm8k_method, "format_score": reward_cfg.format_score}
 
@@ -177,4 +190,87 @@ def load_reward_fn(reward_cfg) -> Callable[[str, str, Any, dict], dict]:
         value = default_compute_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
         return _as_dict(value, "default_compute_score")
 
+    default.__qualname__ = "default_compute_score"
     return default
+
+
+# ---------------------------------------------------------------- scoring a batch
+
+REWARD_TIMEOUT_FIX = "fix: make the function return for every response, or raise reward.timeout_s"
+
+
+def score_samples(samples: list, reward_fn: Callable, timeout_s: float = 60.0, workers: int = 4) -> None:
+    """Set `reward` and `reward_extra` on every Sample from reward_fn(data_source, response_text, ...)."""
+    calls = [(s.data_source, s.response_text, s.ground_truth, s.extra_info) for s in samples]
+    for s, out in zip(samples, score_calls(calls, reward_fn, timeout_s, workers)):
+        s.reward = out["score"]
+        s.reward_extra = {k: v for k, v in out.items() if k != "score"}
+
+
+def score_calls(calls: list[tuple], reward_fn: Callable, timeout_s: float = 60.0, workers: int = 4) -> list[dict]:
+    """reward_fn(*call) for each (data_source, text, ground_truth, extra_info), as {"score": float, ...}.
+
+    Up to `workers` calls run at once on daemon threads (so reward functions must be thread-safe; pure
+    ones are). A call running longer than `timeout_s` raises HybridRLError: a thread cannot be killed,
+    so the hung call is left behind on its daemon thread, which never blocks the process from exiting.
+    The main thread waits in short slices, so Ctrl-C stops scoring at once.
+    """
+    name = getattr(reward_fn, "__qualname__", type(reward_fn).__name__)
+    todo, done, stop = queue.SimpleQueue(), queue.SimpleQueue(), threading.Event()
+    started: dict[int, float] = {}
+    for i in range(len(calls)):
+        todo.put(i)
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            started[i] = time.monotonic()
+            try:
+                done.put((i, reward_fn(*calls[i]), None))
+            except BaseException as e:  # noqa: BLE001 - even sys.exit(): reported below with its sample
+                done.put((i, None, e))
+
+    for k in range(min(workers, len(calls))):
+        threading.Thread(target=work, name=f"hybridrl-reward-{k}", daemon=True).start()
+    results: list = [None] * len(calls)
+    try:
+        for _ in calls:
+            i, out, err = _next_result(done, started, results, timeout_s, calls, name)
+            results[i] = _checked(out, err, i, calls[i], name)
+    finally:
+        stop.set()   # idle workers exit; a hung one stays behind, as a daemon
+    return results
+
+
+def _next_result(done, started: dict, results: list, timeout_s: float, calls: list, name: str):
+    """The next finished call; HybridRLError when a running call is past its timeout."""
+    while True:
+        try:
+            return done.get(timeout=0.05)
+        except queue.Empty:
+            now = time.monotonic()
+            for i, t in list(started.items()):
+                if results[i] is None and now - t > timeout_s:
+                    raise HybridRLError(f"reward function {name} did not return within {timeout_s:g} s "
+                                        f"(reward.timeout_s) on {_where(i, calls[i])}; {REWARD_TIMEOUT_FIX}")
+
+
+def _checked(out: Any, err: BaseException | None, i: int, call: tuple, name: str) -> dict:
+    """The call's result as {"score": float, ...}, or HybridRLError naming the sample."""
+    if isinstance(err, HybridRLError):   # already names the function and the fix
+        raise HybridRLError(f"{err} (on {_where(i, call)})") from None
+    if err is not None:
+        raise HybridRLError(f"reward function {name} raised {type(err).__name__}: {str(err)[:200]} on "
+                            f"{_where(i, call)}; fix: it must return a finite float for any response (a wrong or "
+                            "odd answer scores 0)") from err
+    try:
+        return _as_dict(out, name)
+    except HybridRLError as e:
+        raise HybridRLError(f"{e} (on {_where(i, call)})") from None
+
+
+def _where(i: int, call: tuple) -> str:
+    return f"sample {i} (data_source {call[0]!r}, response {call[1][:80]!r})"

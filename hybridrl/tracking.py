@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from hybridrl import HybridRLError
@@ -23,9 +24,17 @@ class Tracker:
         self.jsonl = self.run_dir / "metrics.jsonl"
         self._tb = self._wandb = None
         # metrics.jsonl is always written: it is the run's record and the plot's source
-        if self.jsonl.exists():   # a resumed run rewrites the steps after its checkpoint
-            kept = [r for r in read_jsonl(self.jsonl) if r["step"] <= resume_step] if resume_step else []
-            self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.jsonl.exists():
+            rows = read_jsonl(self.jsonl)
+            if rows and not resume_step:
+                raise HybridRLError(
+                    f"{self.jsonl} holds the metrics of an earlier run ({len(rows)} rows, last step "
+                    f"{rows[-1].get('step')}) and this run starts fresh, so they would be lost; fix: use another "
+                    "trainer.experiment_name or trainer.default_local_dir, resume that run (trainer.resume_mode=auto), "
+                    f"or delete {self.jsonl}")
+            # a resumed run rewrites the steps after its checkpoint (and drops a torn last line)
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            _write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
         if "tensorboard" in loggers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -70,8 +79,30 @@ def console_line(metrics: dict, step: int) -> str:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a metrics log; a torn line (a crash mid-write) is skipped with a warning."""
     p = Path(path)
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    if not p.exists():
+        return []
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            print(f"warning: {p} line {n} is torn or not a JSON object ({line[:60]!r}); skipped it", file=sys.stderr,
+                  flush=True)
+            continue
+        rows.append(row)
+    return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def plot_run(jsonl_path: str | Path, out_png: str | Path) -> Path | None:
@@ -84,7 +115,7 @@ def plot_run(jsonl_path: str | Path, out_png: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     def series(key):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
+        pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -79,6 +79,31 @@ def test_unreadable_file(tmp_path, tiny_tok):
         read_rows(broken)
 
 
+def test_jsonl_parse_error_names_the_line_in_the_file(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c",}\n{"prompt": "d"}\n')
+    with pytest.raises(HybridRLError, match=r"cannot read data file .*broken.jsonl, line 4: not valid JSON "
+                                            r"\(.*column 16\): '\{\"prompt\": \"c\",\}'"):
+        read_rows(broken)
+    as_json = tmp_path / "list.json"   # a JSON list over many lines, broken on line 3
+    as_json.write_text('[\n {"prompt": "a"},\n {"prompt": "b" "c"}\n]\n')
+    with pytest.raises(HybridRLError, match=r"list.json, line 3: not valid JSON"):
+        read_rows(as_json)
+    lines = tmp_path / "lines.json"    # ".json" holding JSON lines, broken on line 2
+    lines.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(HybridRLError, match=r"lines.json, line 2: not valid JSON"):
+        read_rows(lines)
+
+
+def test_directory_given_as_a_data_file(tmp_path, tiny_tok):
+    with pytest.raises(HybridRLError, match=rf"data file {tmp_path} is a directory, expected a parquet/jsonl file; "
+                                            r"fix: .*holds no .*prepare-data"):
+        load_prompts([str(tmp_path)], tiny_tok, 256)
+    write_rows([row()], tmp_path / "train.parquet")
+    with pytest.raises(HybridRLError, match=rf"is a directory.*name a file in it: {tmp_path / 'train.parquet'}"):
+        read_rows(tmp_path)
+
+
 def test_unsupported_suffix(tmp_path):
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(HybridRLError, match="unsupported type '.csv'"):

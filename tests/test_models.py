@@ -138,6 +138,77 @@ def test_check_model_dir_without_weights(tiny_qwen2_dir, tmp_path):
         check_model_dir(tmp_path)
 
 
+def copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(folder, **changes):
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_load_tokenizer_from_a_missing_folder_is_not_a_bad_repo_id(tmp_path):
+    with pytest.raises(HybridRLError, match=rf"model folder {tmp_path / 'nope'} does not exist") as e:
+        load_tokenizer(tmp_path / "nope")
+    assert "Repo id" not in str(e.value)
+
+
+def test_broken_config_json_is_named_not_blamed_on_the_tokenizer(tiny_qwen2_dir, tmp_path):
+    folder = copy_model(tiny_qwen2_dir, tmp_path / "m")
+    (folder / "config.json").write_text('{"model_type": "qwen2",')
+    for check in (load_tokenizer, check_model_dir):
+        with pytest.raises(HybridRLError, match=rf"{folder / 'config.json'} is not valid JSON \(.*line 1, column 24\); "
+                                                r"fix: repair config.json") as e:
+            check(folder)
+        assert "tokenizer" not in str(e.value)
+
+
+def test_unknown_architecture_is_named(tiny_qwen2_dir, tmp_path):
+    folder = copy_model(tiny_qwen2_dir, tmp_path / "m")
+    edit_config(folder, model_type="gpt9", architectures=["Gpt9ForCausalLM"])
+    with pytest.raises(HybridRLError, match=r"config.json has architecture 'gpt9' \(architectures: Gpt9ForCausalLM\), "
+                                            r"which transformers .* does not know"):
+        check_model_dir(folder)
+    edit_config(folder, auto_map={"AutoModelForCausalLM": "modeling_gpt9.Gpt9ForCausalLM"})
+    with pytest.raises(HybridRLError, match=r"architecture 'gpt9' comes with its own code"
+                                            r".*model.trust_remote_code=True"):
+        check_model_dir(folder)
+    check_model_dir(folder, trust_remote_code=True)   # the folder's own code: transformers loads it
+
+
+def test_corrupt_safetensors_is_named(tiny_qwen2_dir, tmp_path):
+    folder = copy_model(tiny_qwen2_dir, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) - 100])   # a copy cut short
+    with pytest.raises(HybridRLError, match=r"weights file model.safetensors is corrupt \(\d+ bytes where its header "
+                                            r"describes \d+: truncated\)"):
+        check_model_dir(folder)
+    weights.write_bytes(b"\xff" * 64)              # not a safetensors file at all
+    with pytest.raises(HybridRLError, match=r"model.safetensors is corrupt \(header of \d+ bytes but the file has 64"):
+        check_model_dir(folder)
+    weights.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(HybridRLError, match=r"model.safetensors is corrupt \(its header is not valid JSON\)"):
+        check_model_dir(folder)
+
+
+def test_missing_weight_shard_is_named(tiny_qwen2_dir, tmp_path):
+    import json
+
+    folder = copy_model(tiny_qwen2_dir, tmp_path / "m")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(HybridRLError, match=r"lacks 1 of 2 weight shards named in model.safetensors.index.json "
+                                            r"\(e.g. model-00002-of-00002.safetensors\)"):
+        check_model_dir(folder)
+
+
 def test_load_tokenizer_without_chat_template(tmp_path):
     tok = tiny_tokenizer()
     tok.chat_template = None

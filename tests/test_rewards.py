@@ -1,5 +1,6 @@
 """Rule rewards (GSM8K with verl's semantics, reasoning-gym scorers) and users' reward functions."""
 import json
+import re
 
 import pytest
 
@@ -155,3 +156,103 @@ def test_custom_reward_file_that_fails_to_import(tmp_path):
     path.write_text("import no_such_module_xyz\n")
     with pytest.raises(HybridRLError, match="failed to import.*no_such_module_xyz"):
         load_reward_fn(RewardConfig(custom_path=str(path)))
+
+
+# ---------------------------------------------------------------- scoring a batch: hangs, errors, bad values
+
+def scored(n=3, source="src"):
+    from hybridrl.types import Sample
+
+    return [Sample(prompt_ids=[1], index=i, data_source=source, ground_truth="1", response_text=f"answer {i}")
+            for i in range(n)]
+
+
+def test_score_samples_sets_reward_and_extras_in_order():
+    from hybridrl.rewards import score_samples
+
+    def fn(data_source, text, ground_truth, extra_info=None):
+        return {"score": float(text[-1]), "len": len(text)}
+
+    samples = scored(20)
+    score_samples(samples, fn, timeout_s=5, workers=4)
+    assert [s.reward for s in samples] == [float(str(i)[-1]) for i in range(20)]
+    assert samples[3].reward_extra == {"len": 8}
+
+
+def test_score_samples_with_a_hanging_reward_times_out():
+    import threading
+    import time
+
+    from hybridrl.rewards import score_samples
+
+    release = threading.Event()
+
+    def hangs(data_source, text, ground_truth, extra_info=None):
+        if text.endswith("1"):
+            release.wait(30)   # never returns within the test; released at the end
+        return 0.0
+
+    t0 = time.monotonic()
+    with pytest.raises(HybridRLError, match=r"reward function .*hangs did not return within 0.3 s \(reward.timeout_s\) "
+                                            r"on sample 1 \(data_source 'src', response 'answer 1'\)"):
+        score_samples(scored(3), hangs, timeout_s=0.3)
+    assert time.monotonic() - t0 < 3
+    release.set()
+
+
+def test_score_samples_is_interruptible():
+    import _thread
+    import threading
+    import time
+
+    from hybridrl.rewards import score_samples
+
+    release = threading.Event()
+    threading.Timer(0.3, _thread.interrupt_main).start()   # Ctrl-C while a call hangs
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        score_samples(scored(1), lambda *a: release.wait(30), timeout_s=60)
+    assert time.monotonic() - t0 < 3
+    release.set()
+
+
+def test_score_samples_with_a_raising_reward():
+    from hybridrl.rewards import score_samples
+
+    def boom(data_source, text, ground_truth, extra_info=None):
+        if text.endswith("2"):
+            raise ZeroDivisionError("division by zero")
+        return 1.0
+
+    with pytest.raises(HybridRLError, match=r"reward function .*boom raised ZeroDivisionError: division by zero on "
+                                            r"sample 2 \(data_source 'math', response 'answer 2'\)"):
+        score_samples(scored(3, "math"), boom, timeout_s=5)
+
+
+@pytest.mark.parametrize("value, shown", [(float("nan"), "nan as the score"), (float("inf"), "inf as the score"),
+                                          (-float("inf"), "-inf as the score"), ("0.5", "str '0.5' as the score"),
+                                          ({"score": None}, "NoneType 'None' as the score")])
+def test_score_samples_rejects_non_finite_and_non_numbers(value, shown):
+    from hybridrl.rewards import score_samples
+
+    def bad(data_source, text, ground_truth, extra_info=None):
+        return value
+
+    with pytest.raises(HybridRLError, match=rf"reward function .*bad returned {re.escape(shown)}.*\(on sample 0 "
+                                            r"\(data_source 'src', response 'answer 0'\)\)"):
+        score_samples(scored(1), bad, timeout_s=5)
+
+
+def test_score_samples_names_the_users_function_in_its_file(user_file, tmp_path):
+    from hybridrl.rewards import score_samples
+
+    path = tmp_path / "nan_reward.py"
+    path.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                    "    return float('nan')\n")
+    fn = load_reward_fn(RewardConfig(custom_path=str(path)))
+    with pytest.raises(HybridRLError, match=rf"reward function compute_score in {re.escape(str(path))} returned nan "
+                                            r"as the score.*on sample 0"):
+        score_samples(scored(1), fn, timeout_s=5)
+    samples = scored(2)
+    score_samples(samples, load_reward_fn(RewardConfig(custom_path=user_file)), timeout_s=5)
+    assert [s.reward for s in samples] == [0.0, 1.0]   # ground truth "1" is only in "answer 1"
