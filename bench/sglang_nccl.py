@@ -6,7 +6,8 @@ Launches `sglang.launch_server` through `SGLangEngine.from_config` (Qwen2.5-0.5B
 load_format dummy, triton attention, pytorch sampling, grammar none) with CUDA_VISIBLE_DEVICES=1
 for the server process only, then, from this process on GPU 0:
   1. control: greedy generation on the server's dummy weights (log-probs kept);
-  2. `init_nccl(addr, port)`: the trainer is rank 0, the server's TP rank is rank 1;
+  2. `engine.transport.init()` (what the first push would do anyway, timed on its own here):
+     the trainer is rank 0 at 127.0.0.1 on a free port, the server's TP rank is rank 1;
   3. `update_weights(buckets, version)` with weight_sync=nccl, whole model (bf16 random tensors on
      GPU 0), `--trials` times, each timed (push + flush + version check), the server's
      /model_info weight_version checked against ours after each push;
@@ -41,7 +42,7 @@ EMBED_STD = 0.1     # tied embeddings: logits std ~ sqrt(hidden) * 0.1 ~ 3, a pe
 def make_config(model_dir: str) -> Config:
     cfg = Config()
     r = cfg.rollout
-    r.name, r.mode, r.load_format, r.weight_sync = "sglang", "standalone", "dummy", "nccl"
+    r.name, r.free_cache_engine, r.load_format, r.weight_sync = "sglang", False, "dummy", "nccl"
     r.gpu_memory_utilization, r.max_num_seqs, r.log_level = 0.5, 64, "warning"
     r.server_start_timeout, r.request_timeout = 300.0, 120.0
     r.attention_backend, r.dtype = "triton", "bfloat16"
@@ -51,9 +52,13 @@ def make_config(model_dir: str) -> Config:
 
 
 def launch_on_gpu(cfg, gpu: str, run_dir: str):
-    """The server process sees only `gpu`; this process's CUDA is not initialised yet, so it keeps all GPUs."""
-    from hybridrl.rollout.sglang import SGLangEngine
-    assert not torch.cuda.is_initialized(), "set CUDA_VISIBLE_DEVICES for the child before this process uses CUDA"
+    """The server process sees only `gpu`; this process keeps all GPUs.
+
+    CUDA reads CUDA_VISIBLE_DEVICES once, at its first call in a process: count the GPUs here before
+    the variable changes for the child (from_config's NCCL check asks CUDA too, inside that window).
+    """
+    from hybridrl.rollout.sglang.engine import SGLangEngine
+    assert torch.cuda.device_count() >= 2, "the NCCL bench needs 2 GPUs: one for the server, one for the trainer"
     old = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     try:
@@ -127,16 +132,14 @@ async def push(engine, named, bucket_mb: int, version: int) -> dict:
 
 async def run(args, engine, res: dict) -> None:
     """Fills `res` step by step, so a failure still leaves what was measured before it."""
-    from hybridrl.rollout.sglang_launch import find_free_port
     batch = prompts(args.prompts, args.prompt_len, QWEN05["vocab_size"])
     res["before_push"] = await greedy(engine, batch, args.new_tokens)
     torch.cuda.set_device(0)
     named = qwen_named_tensors(QWEN05, "cuda:0", embed_std=EMBED_STD)
     res["model_bytes_GB"] = round(sum(nbytes(t) for _, t in named) / 1e9, 3)
     res["tensors"] = len(named)
-    port = find_free_port(29650)
     t = time.perf_counter()
-    await engine.init_nccl("127.0.0.1", port)
+    await engine.transport.init()
     res["init_nccl_s"] = round(time.perf_counter() - t, 3)
     print("init_nccl", res["init_nccl_s"], "s", flush=True)
     res["pushes"] = []
@@ -157,7 +160,7 @@ def table(res: dict) -> str:
     p, c, ctl = res["pushes"], res["check"], res["control_dummy_weights"]
     times = [x["s"] for x in p]
     rows = [("server start (launch → healthy), GPU 1", f"{res['start_s']:.1f} s"),
-            ("init_nccl (group of 2: trainer rank 0 + server rank 1)", f"{res['init_nccl_s']:.3f} s"),
+            ("transport.init (NCCL group of 2: trainer rank 0 + server rank 1)", f"{res['init_nccl_s']:.3f} s"),
             (f"update_weights nccl, whole model ({res['model_bytes_GB']} GB, {res['tensors']} tensors), per trial",
              ", ".join(f"{t:.3f}" for t in times) + " s"),
             ("median of trials 2.. (first includes NCCL communicator setup)",

@@ -9,7 +9,8 @@ memory saver, triton attention), then
      each, all in flight at once, log-probs on; tokens/s = generated tokens / wall time
      (also 64 requests and 1 request);
   2. the colocated cycle: sleep(all) (freed GPU memory read by torch.cuda.mem_get_info in this
-     process), wake(["weights"]), update_weights(whole model, version 1), wake(["kv_cache"]);
+     process), then update_weights(whole model, version 1), which wakes the weights, pushes,
+     flushes, checks the version and wakes the KV cache;
   3. weight sync of the whole model (0.99 GB bf16 random tensors on the GPU) through our
      `update_weights` (CUDA IPC, flattened buckets, flush + version check included), at two
      bucket sizes, next to the plain raw call: MultiprocessingSerializer + one POST
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hybridrl.config import Config  # noqa: E402
 from hybridrl.rollout.base import SamplingParams  # noqa: E402
-from hybridrl.rollout.sglang import SGLangEngine  # noqa: E402
+from hybridrl.rollout.sglang.engine import SGLangEngine  # noqa: E402
 from hybridrl.sync import bucketize, nbytes  # noqa: E402
 
 QWEN05 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896, intermediate_size=4864,
@@ -73,7 +74,7 @@ def qwen_named_tensors(cfg: dict, device: str, dtype=torch.bfloat16, seed: int =
 def make_config(args, model_dir: str) -> Config:
     cfg = Config()
     r = cfg.rollout
-    r.name, r.mode, r.load_format, r.weight_sync = "sglang", "colocated", "dummy", "tensor"
+    r.name, r.free_cache_engine, r.load_format, r.weight_sync = "sglang", True, "dummy", "tensor"
     r.gpu_memory_utilization, r.max_num_seqs, r.log_level = 0.5, 256, "warning"
     r.server_start_timeout, r.request_timeout = 300.0, 180.0
     if not args.smoke:
@@ -110,14 +111,12 @@ async def timed(coro) -> float:
 
 
 async def colocated_cycle(engine, named, version: int) -> dict:
-    """sleep → wake weights → push → wake kv_cache, each timed, freed memory measured here."""
+    """sleep, then the whole sync (wake weights → push → flush → version check → wake kv_cache), each timed."""
     free0 = free_gpu()
-    res = {"sleep_s": await timed(engine.sleep())}
+    res = {"sleep_s": await timed(engine.sleep(["kv_cache", "weights"]))}
     res["sleep_freed_GB"] = round((free_gpu() - free0) / 1e9, 2)
-    res["wake_weights_s"] = await timed(engine.wake(["weights"]))
-    res["push_after_wake_s"] = await timed(engine.update_weights(bucketize(named, 2048), version))
-    res["wake_kv_cache_s"] = await timed(engine.wake(["kv_cache"]))
-    res["free_after_wake_minus_before_sleep_GB"] = round((free_gpu() - free0) / 1e9, 2)
+    res["sync_after_sleep_s"] = await timed(engine.update_weights(bucketize(named, 2048), version))
+    res["free_after_sync_minus_before_sleep_GB"] = round((free_gpu() - free0) / 1e9, 2)
     return res
 
 
@@ -197,8 +196,7 @@ def table(res: dict) -> str:
              f"{r['tok_s']:,.0f} tok/s (first run {res['rollout']['tok_s']:,.0f})"),
             ("rollout 64 / 1 requests", f"{res['rollout_64']['tok_s']:,.0f} / {res['rollout_1']['tok_s']:,.0f} tok/s"),
             ("sleep (release weights + kv_cache)", f"{c['sleep_s']:.3f} s, frees {c['sleep_freed_GB']} GB"),
-            ("wake weights / wake kv_cache", f"{c['wake_weights_s']:.3f} s / {c['wake_kv_cache_s']:.3f} s"),
-            ("push after wake (whole model, 1 bucket)", f"{c['push_after_wake_s']:.3f} s"),
+            ("update_weights after sleep (wakes both, whole model, 1 bucket)", f"{c['sync_after_sleep_s']:.3f} s"),
             ("ours update_weights, 2048 MB buckets (median)", f"{s['ours_bucket2048MB_median_s']:.3f} s"),
             ("ours update_weights, 512 MB buckets (median)", f"{s['ours_bucket512MB_median_s']:.3f} s")]
     if "raw_median_s" in s:

@@ -17,7 +17,7 @@ from hybridrl import HybridRLError
 from hybridrl.config import Config
 from hybridrl.rollout.base import SamplingParams
 from hybridrl.rollout.native.engine import NativeEngine
-from hybridrl.rollout.sglang import SGLangEngine
+from hybridrl.rollout.sglang.engine import SGLangEngine
 
 SERVE_CMD = [sys.executable, "-m", "hybridrl.rollout.native.server", "--device", "cpu"]
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 30, 40], list(range(40, 72))]

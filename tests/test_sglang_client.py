@@ -16,16 +16,17 @@ from aiohttp import web
 
 from hybridrl import HybridRLError, sync
 from hybridrl.config import Config
-from hybridrl.rollout import sglang_compat as compat
-from hybridrl.rollout import sglang_launch as launcher
 from hybridrl.rollout.base import SamplingParams
-from hybridrl.rollout.sglang import SGLangEngine, parse_output, sampling_body
-from hybridrl.rollout.sglang_client import HTTPClient, ServerError
+from hybridrl.rollout.sglang import compat
+from hybridrl.rollout.sglang import launch as launcher
+from hybridrl.rollout.sglang.client import HTTPClient, ServerError
+from hybridrl.rollout.sglang.engine import SGLangEngine, parse_output, sampling_body
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TESTS = os.path.dirname(__file__)
 FAKE_CMD = [sys.executable, "-m", "hybridrl.rollout.native.server", "--engine-factory", "sglang_fakes:make"]
 INFO = {"version": "0.5.17", "weight_version": "default"}
+NATIVE_INFO = {"version": "hybridrl-0.1.0", "sglang_api_version": "0.5.17", "weight_version": "0"}
 
 
 def run(coro):
@@ -218,6 +219,80 @@ def test_sleep_and_wake_send_each_tag_once():
                      ("/resume_memory_occupation", ["weights"]), ("/resume_memory_occupation", ["kv_cache"])]
 
 
+def test_update_weights_is_the_whole_sync_with_one_flush():
+    """sleep → update_weights: resume weights, push each bucket (no flush in the bodies), flush once (a 400
+    while requests run is retried), check the version, resume the KV cache; a sync without sleep wakes nothing."""
+    calls, state = [], {"version": "default", "flush_busy": 1}
+
+    def route(path, reply=None):
+        async def handler(request):
+            body = await request.json() if request.can_read_body else None
+            calls.append((path, body.get("tags") if path.endswith("occupation") else None))
+            if path == "/update_weights_from_tensor":
+                assert body["flush_cache"] is False and body["load_format"] == sync.CPU_LOAD_FORMAT
+                state["version"] = body["weight_version"]
+            if path == "/flush_cache" and state["flush_busy"]:
+                state["flush_busy"] -= 1
+                return web.json_response({"message": "Cache not flushed: pending requests"}, status=400)
+            return web.json_response({"success": True} if "update" in path else None)
+        return web.post(path, handler)
+
+    async def model_info(request):
+        calls.append(("/model_info", None))
+        return web.json_response({"weight_version": state["version"]})
+
+    async def main():
+        routes = [route(p) for p in ("/release_memory_occupation", "/resume_memory_occupation",
+                                     "/update_weights_from_tensor", "/flush_cache")]
+        runner, url = await start_app(routes + [web.get("/model_info", model_info)])
+        engine = SGLangEngine(url, NATIVE_INFO)
+        buckets = [[("a", torch.ones(2))], [("b", torch.zeros(3))]]
+        try:
+            await engine.sleep(["kv_cache", "weights"])
+            await engine.update_weights(iter(buckets), 3)
+            first = list(calls)
+            calls.clear()
+            await engine.update_weights(iter(buckets), 4)
+            return first, list(calls), engine.weight_version
+        finally:
+            await engine.close()
+            await runner.cleanup()
+    first, second, version = run(main())
+    push = [("/update_weights_from_tensor", None)] * 2
+    flush = [("/flush_cache", None)] * 2                    # one flush: refused once (busy), then done
+    assert first == [("/release_memory_occupation", ["kv_cache", "weights"]), ("/resume_memory_occupation", ["weights"]),
+                     *push, *flush, ("/model_info", None), ("/resume_memory_occupation", ["kv_cache"])]
+    assert second == [*push, ("/flush_cache", None), ("/model_info", None)] and version == 4
+
+
+def test_update_weights_refuses_a_server_that_kept_its_old_version():
+    async def ok(request):
+        return web.json_response({"success": True})
+
+    async def model_info(request):
+        return web.json_response({"weight_version": "2"})
+
+    async def main():
+        runner, url = await start_app([web.post("/update_weights_from_tensor", ok), web.post("/flush_cache", ok),
+                                       web.get("/model_info", model_info)])
+        engine = SGLangEngine(url, NATIVE_INFO)
+        try:
+            await engine.update_weights([[("a", torch.ones(2))]], 3)
+        finally:
+            assert engine.weight_version == 0
+            await engine.close()
+            await runner.cleanup()
+    with pytest.raises(HybridRLError, match="reports weight_version='2', expected 3"):
+        run(main())
+
+
+def test_transport_is_chosen_once_by_name():
+    engine = SGLangEngine("http://127.0.0.1:1", INFO, weight_sync="disk")
+    assert type(engine.transport).__name__ == "DiskTransport" and engine.weight_sync == "disk"
+    with pytest.raises(HybridRLError, match=r"unknown rollout.weight_sync='shm': choose one of tensor \| disk \| nccl"):
+        SGLangEngine("http://127.0.0.1:1", INFO, weight_sync="shm")
+
+
 # ---- version shims ----------------------------------------------------------------------------
 def test_version_check_and_shims():
     assert compat.parse_version("0.5.17.post1") == (0, 5, 17)
@@ -283,6 +358,7 @@ def test_server_flags_map_the_config():
     cfg = Config()
     r = cfg.rollout
     r.tensor_model_parallel_size, r.gpu_memory_utilization, r.enforce_eager, r.max_num_seqs = 2, 0.7, True, 64
+    r.free_cache_engine = True
     r.attention_backend, r.load_format, r.dtype = "triton", "dummy", "bfloat16"
     r.engine_kwargs = {"sglang": {"chunked_prefill_size": 4096, "enable_foo": True, "disable_bar": False}}
     flags = launcher.server_flags(cfg, "/m", "127.0.0.1", 30001)
@@ -292,8 +368,20 @@ def test_server_flags_map_the_config():
                  "--enable-memory-saver", "--skip-tokenizer-init", "--chunked-prefill-size 4096", "--enable-foo"):
         assert part in joined
     assert "--disable-bar" not in joined
-    r.mode = "standalone"
+    r.free_cache_engine = False
     assert "--enable-memory-saver" not in launcher.server_flags(cfg, "/m", "127.0.0.1", 1)
+
+
+def test_real_sglang_starts_with_the_tp_memory_check_off_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(compat, "installed_sglang_version", lambda: (0, 5, 17))
+    env = launcher.launch_env(real_sglang=True)
+    assert env["SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK"] == "false" and env["NCCL_CUMEM_ENABLE"] == "0"
+    assert "SGLANG_ENABLE_TP_MEMORY_INBALANCE_CHECK=false" in capsys.readouterr().err
+    monkeypatch.setattr(compat, "installed_sglang_version", lambda: (0, 4, 9))
+    assert launcher.launch_env(real_sglang=True)["SGL_DISABLE_TP_MEMORY_INBALANCE_CHECK"] == "true"
+    capsys.readouterr()
+    env = launcher.launch_env(real_sglang=False)           # `hybridrl serve`: no SGLang env, no line
+    assert not any("INBALANCE" in k for k in env) and capsys.readouterr().err == ""
 
 
 def test_missing_sglang_names_the_extra(tmp_path, monkeypatch):

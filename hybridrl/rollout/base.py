@@ -23,7 +23,7 @@ TAGS = ("weights", "kv_cache")
 # name -> "module:Class"; imported only when chosen, so `import hybridrl` never imports sglang.
 ENGINES = {
     "native": "hybridrl.rollout.native.engine:NativeEngine",
-    "sglang": "hybridrl.rollout.sglang:SGLangEngine",
+    "sglang": "hybridrl.rollout.sglang.engine:SGLangEngine",
 }
 
 

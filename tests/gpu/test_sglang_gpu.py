@@ -19,7 +19,7 @@ pytestmark = pytest.mark.sglang
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from sglang_weight_sync import QWEN05, make_config   # the bench's model and launch flags
-    from hybridrl.rollout.sglang import SGLangEngine
+    from hybridrl.rollout.sglang.engine import SGLangEngine
     out = tmp_path_factory.mktemp("sgl")
     (out / "config.json").write_text(json.dumps(QWEN05))
     cfg = make_config(type("A", (), {"smoke": False})(), str(out))
@@ -45,11 +45,9 @@ def test_generate_sleep_push_and_version(server):
         outs = await server.generate(list(range(100, 132)), sampled)
         assert len(outs) == 4 and all(len(o.logprobs) == 16 and o.finish_reason == "length" for o in outs)
         assert all(lp <= 0 for o in outs for lp in o.logprobs)
-        await server.sleep()
-        await server.wake(["weights"])
+        await server.sleep(["kv_cache", "weights"])
         named = named_weights()
-        await server.update_weights(bucketize(named, 256), 3)
-        await server.wake(["kv_cache"])
+        await server.update_weights(bucketize(named, 256), 3)   # wakes weights, pushes, flushes, wakes kv_cache
         a = (await server.generate(list(range(100, 132)), greedy))[0]
         assert a.weight_version == 3 and (await server.model_info())["weight_version"] == "3"
         named[0] = (named[0][0], named[0][1] * 3)                 # new embeddings → new greedy tokens

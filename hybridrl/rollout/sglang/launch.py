@@ -7,6 +7,8 @@
 `launch_cmd` replaces `python -m sglang.launch_server` (tests pass `python -m
 hybridrl.rollout.native.server`, which takes the same flags), so the launcher itself runs on CPU.
 The server's output goes to `<run_dir>/sglang_server.log`; errors quote its last lines.
+`--enable-memory-saver` is on when rollout.free_cache_engine is (sleeping needs it); a real SGLang
+always starts with its TP memory-imbalance check off (logged; see `launch_env`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import urllib.error
 import urllib.request
 
 from hybridrl import HybridRLError
-from hybridrl.rollout import sglang_compat as compat
+from hybridrl.rollout.sglang import compat
 
 SGLANG_CMD = [sys.executable, "-m", "sglang.launch_server"]
 LOG_NAME = "sglang_server.log"
@@ -44,8 +46,8 @@ def server_flags(cfg, model_path: str, host: str, port: int) -> list[str]:
         flags.append("--disable-cuda-graph")
     if r.attention_backend:
         flags += ["--attention-backend", r.attention_backend]
-    if r.mode == "colocated":
-        flags.append("--enable-memory-saver")
+    if r.free_cache_engine:
+        flags.append("--enable-memory-saver")      # what release/resume_memory_occupation (sleep) needs
     if cfg.model.trust_remote_code:
         flags.append("--trust-remote-code")
     return flags + passthrough_flags(r.engine_kwargs.get("sglang", {}) or {})
@@ -200,7 +202,7 @@ def launch(cfg, model_path: str, run_dir: str, launch_cmd: list[str] | None = No
     if launch_cmd is None:
         check_sglang_installed()
     cmd0 = list(launch_cmd or SGLANG_CMD)
-    env = launch_env(cfg, launch_cmd is None)
+    env = launch_env(real_sglang=launch_cmd is None)
     port = 30000
     for attempt in range(attempts):
         port = find_free_port(port, host)
@@ -218,10 +220,15 @@ def launch(cfg, model_path: str, run_dir: str, launch_cmd: list[str] | None = No
     raise AssertionError("unreachable")
 
 
-def launch_env(cfg, real_sglang: bool) -> dict:
-    """Environment for the child: the TP memory-imbalance check off in colocated mode (name depends on version)."""
+def launch_env(real_sglang: bool) -> dict:
+    """Environment for the child. A real SGLang always gets its TP memory-imbalance check off (its
+    name depends on the version): other processes on its GPUs, the trainer among them, make free
+    memory differ across TP ranks, and the check would refuse to start."""
     env = {"NCCL_CUMEM_ENABLE": "0", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
     version = compat.installed_sglang_version() if real_sglang else None
-    if version is not None and cfg.rollout.mode == "colocated":
-        env.update(compat.tp_memory_check_env(version, check=False))
+    if version is not None:
+        off = compat.tp_memory_check_env(version, check=False)
+        env.update(off)
+        print(f"sglang: launching with {' '.join(f'{k}={v}' for k, v in off.items())} "
+              f"(TP memory-imbalance check off)", file=sys.stderr, flush=True)
     return env

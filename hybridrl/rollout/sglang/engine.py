@@ -1,11 +1,15 @@
-"""`rollout.name=sglang`: a real SGLang server (launched or attached) driven over HTTP.
+"""SGLangEngine: the RolloutEngine protocol over a real SGLang server's HTTP API (launched or attached).
 
     engine = SGLangEngine.from_config(cfg, model_path)      # launches `sglang.launch_server`, or attaches
     outs = await engine.generate(prompt_ids, SamplingParams(max_new_tokens=64, n=4))
-    await engine.sleep(); await engine.wake(["weights"])
-    await engine.update_weights(buckets, version)           # buckets: [(hf_name, tensor), ...] lists
-    await engine.flush_cache(); await engine.wake(["kv_cache"])   # colocated multi-stage wake
+    await engine.sleep(["kv_cache", "weights"])             # colocated: free the GPU for the trainer
+    await engine.update_weights(buckets, version)           # the whole sync; serves `version` after
     await engine.close()
+
+`update_weights` is a multi-stage wake around one push: resume the released weights, push every
+bucket through the transport chosen at build (rollout.weight_sync: tensor | disk | nccl, see
+transport.py), flush the prefix cache once, check that the server reports `version`, then resume
+the released KV cache (last, so the push never competes with the KV pool for memory).
 
 Token-in/token-out: /generate gets `input_ids`, returns `output_ids` and
 `meta_info.output_token_logprobs` ([logprob, token_id, text], ...). No batch barrier: every
@@ -15,17 +19,16 @@ drives `hybridrl serve` (our native engine behind SGLang's HTTP subset), which C
 from __future__ import annotations
 
 import asyncio
-import functools
 import uuid
 from dataclasses import replace
 from typing import Iterable, Sequence
 
-from hybridrl import HybridRLError, sync
-from hybridrl.rollout import sglang_compat as compat
-from hybridrl.rollout import sglang_launch as launcher
-from hybridrl.rollout import sglang_weights as weights
+from hybridrl import HybridRLError
 from hybridrl.rollout.base import TAGS, GenerateOutput, SamplingParams
-from hybridrl.rollout.sglang_client import HTTPClient, RequestTimeout, ServerError
+from hybridrl.rollout.sglang import compat
+from hybridrl.rollout.sglang import launch as launcher
+from hybridrl.rollout.sglang import transport as transports
+from hybridrl.rollout.sglang.client import HTTPClient, RequestTimeout, ServerError
 
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -74,18 +77,18 @@ class SGLangEngine:
         self.url, self.process, self.model_path = url, process, model_path
         self.api_version, self.native = compat.check_version(info)
         self.server_version = str(info.get("version"))
-        self.weight_sync, self.tp_size, self.run_dir = weight_sync, tp_size, run_dir
-        self.update_timeout = update_timeout
+        self.tp_size, self.run_dir, self.update_timeout = tp_size, run_dir, update_timeout
         self.weight_version = version_int(info.get("weight_version"), 0)
         self.client = HTTPClient(url, timeout=request_timeout, retries=retries, backoff=backoff)
-        self._nccl = None            # (group_name, trainer-side process group) after init_nccl
         self._released: set[str] = set()   # memory tags released by sleep() (this client is the only controller)
+        self.transport = transports.make_transport(weight_sync, self)      # chosen once: how weights travel
 
     @classmethod
     def from_config(cls, cfg, model_path: str | None = None, *, launch_cmd: list[str] | None = None,
                     run_dir: str | None = None) -> "SGLangEngine":
         """Attach to rollout.server_url, or launch a server for model_path (default cfg.model.path)."""
         r = cfg.rollout
+        transports.transport_class(r.weight_sync).check(cfg)      # refuse before a server starts
         model_path = model_path or cfg.model.path
         run_dir = run_dir if run_dir is not None else _run_dir(cfg)
         process, url = None, r.server_url.rstrip("/")
@@ -99,8 +102,7 @@ class SGLangEngine:
             engine = cls(url, info, process=process, model_path=model_path, weight_sync=r.weight_sync,
                          tp_size=r.tensor_model_parallel_size, request_timeout=r.request_timeout,
                          update_timeout=max(r.request_timeout, 60.0), run_dir=run_dir)
-            if r.weight_sync == "tensor" and not engine.native:
-                weights.sglang_serializer()      # import sglang here (~10 s), not inside the first weight push
+            engine.transport.prepare()
             return engine
         except BaseException:
             if process is not None:
@@ -169,7 +171,10 @@ class SGLangEngine:
         return {"tags": tags} if compat.supports_memory_tags(self.api_version) else {}
 
     async def flush_cache(self, attempts: int = 20) -> None:
-        """Drop the prefix cache; SGLang refuses (400) while requests run, so retry a bounded number of times."""
+        """Drop the prefix cache; SGLang refuses (400) while requests run, so retry a bounded number of times.
+
+        update_weights calls it once per sync, after the last bucket: asking for the flush inside the
+        last push instead would make SGLang assert (and its scheduler die) if a request still ran."""
         for i in range(attempts):
             try:
                 await self._call("POST", "/flush_cache", None, timeout=60)
@@ -180,30 +185,28 @@ class SGLangEngine:
                 await asyncio.sleep(0.25)
 
     # ---- weights ----------------------------------------------------------------------------
+    @property
+    def weight_sync(self) -> str:
+        return self.transport.name
+
+    @weight_sync.setter
+    def weight_sync(self, name: str) -> None:
+        """Swap the transport (tests, benchmarks); a training run keeps the one chosen when it was built."""
+        self.transport = transports.make_transport(name, self)
+
     async def update_weights(self, buckets: Iterable[Sequence[tuple[str, object]]], version: int) -> None:
-        """Push every bucket with `version`, flush the cache, then check the server reports `version`."""
-        if self.weight_sync == "tensor":
-            for bucket in buckets:
-                body, keep = await asyncio.to_thread(      # serializing (and importing sglang) off the loop
-                    weights.tensor_body, bucket, version, native=self.native,
-                    api_version=self.api_version, tp_size=self.tp_size)
-                await self._push("/update_weights_from_tensor", body, sync.bucket_label(bucket))
-                del keep                            # CUDA IPC sources may go only after the server replied
-        elif self.weight_sync == "disk":
-            out_dir = weights.disk_dir(self.run_dir)
-            body, names = weights.disk_body(buckets, version, out_dir, self.model_path)
-            await self._push("/update_weights_from_disk", body, f"{len(names)} tensors saved in {out_dir}")
-        elif self.weight_sync == "nccl":
-            await self._update_nccl(buckets, version)
-        else:
-            raise HybridRLError(f"unknown rollout.weight_sync={self.weight_sync!r}: use tensor | disk | nccl")
+        """Wake released weights, push every bucket with `version`, flush once, check the version, wake the KV cache."""
+        await self.wake(["weights"])
+        await self.transport.push(buckets, version)
         await self.flush_cache()
         await self._check_version(version)
         self.weight_version = version
+        await self.wake(["kv_cache"])
 
-    async def _push(self, path: str, body: dict, label: str, retries: int = 1) -> None:
+    async def post_weights(self, path: str, body: dict, label: str, retries: int = 1) -> None:
+        """One weight push for a transport; a refusal names the bucket (`label`) and the server's reason."""
         try:
-            # one retry: a push is idempotent (same tensors, same version), a dropped socket is not fatal
+            # one retry by default: a push is idempotent (same tensors, same version), a dropped socket is not fatal
             reply = await self._call("POST", path, body, timeout=self.update_timeout, retries=retries)
         except ServerError as e:
             raise HybridRLError(f"the server refused weights [{label}] at {path}: {e.reason}") from None
@@ -218,33 +221,6 @@ class SGLangEngine:
         if str(got) != str(version):
             raise HybridRLError(f"after the weight push the server reports weight_version={got!r}, expected "
                                 f"{version}: the update did not take effect on {self.url}")
-
-    async def init_nccl(self, master_address: str, master_port: int, group_name: str = "hybridrl_weights") -> None:
-        """Disaggregated sync: join the server's TP ranks (1..tp) and this trainer (rank 0) in one NCCL group.
-
-        Call once, from the process whose current CUDA device holds the weights to broadcast.
-        """
-        import datetime
-        import os
-        os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")     # as the launched server has it: peers must agree
-        from sglang.srt.utils.common import init_custom_process_group
-        body = weights.nccl_init_body(master_address, master_port, self.tp_size, group_name)
-        join = functools.partial(
-            init_custom_process_group, backend="nccl", init_method=f"tcp://{master_address}:{master_port}",
-            world_size=self.tp_size + 1, rank=0, group_name=group_name,
-            timeout=datetime.timedelta(seconds=self.update_timeout))
-        group = await _with_server(self._push("/init_weights_update_group", body, "init group", retries=0), join)
-        self._nccl = (group_name, group)
-
-    async def _update_nccl(self, buckets, version: int) -> None:
-        if self._nccl is None:
-            raise HybridRLError("rollout.weight_sync=nccl needs `await engine.init_nccl(addr, port)` first")
-        name, group = self._nccl
-        for bucket in buckets:
-            # no retry: a second POST would make the server wait for broadcasts that never come
-            push = self._push("/update_weights_from_distributed", weights.nccl_bucket_body(bucket, version, name),
-                              sync.bucket_label(bucket), retries=0)
-            await _with_server(push, functools.partial(weights.nccl_broadcast, bucket, group))
 
     # ---- info / lifecycle -------------------------------------------------------------------
     async def model_info(self) -> dict:
@@ -281,18 +257,3 @@ def _run_dir(cfg) -> str:
     d = cfg.trainer.default_local_dir
     return tempfile.mkdtemp(prefix="hybridrl-sglang-") if "${" in d else d
 
-
-async def _with_server(push, trainer_side):
-    """Run the server's HTTP call and the trainer's blocking collective together; a refusal fails at once."""
-    server = asyncio.ensure_future(push)
-    local = asyncio.ensure_future(asyncio.to_thread(trainer_side))
-    done, _ = await asyncio.wait({server, local}, return_when=asyncio.FIRST_EXCEPTION)
-    if server in done and server.exception() is not None:
-        local.cancel()              # the thread itself ends at its own timeout
-        raise server.exception()
-    if local in done and local.exception() is not None:
-        server.cancel()
-        raise local.exception()
-    result = await local
-    await server
-    return result
