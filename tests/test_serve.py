@@ -3,10 +3,12 @@
 One server process for the module (started through the sglang launcher), checked against the
 in-process NativeEngine on the same weights: greedy tokens and log-probs, batches and n,
 weight pushes from tensor and from disk (outputs change, version reported), a rejected weight
-name, sleep / wake, abort; plus the raw JSON shapes of SGLang 0.5.17's routes.
+name, sleep / wake, abort; plus the raw JSON shapes of SGLang 0.5.17's routes, refused pushes that
+change nothing, and bad requests that get a 400 while a healthy one in flight completes.
 """
 import asyncio
 import json
+import re
 import sys
 import urllib.request
 
@@ -56,6 +58,25 @@ def local(tiny_qwen2_dir):
 def get(url):
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())
+
+
+def post(url, data) -> tuple[int, dict | None]:
+    """POST raw bytes (or a JSON-able object) -> (status, JSON reply or None)."""
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    req = urllib.request.Request(url, raw, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, text = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, None
+
+
+def message(reply: dict) -> str:
+    return reply["error"]["message"] if "error" in reply else reply["message"]
 
 
 def test_routes_have_sglang_shapes(server):
@@ -147,4 +168,67 @@ def test_abort_one_and_all(server):
     assert outs[0].finish_reason == "abort" and len(outs[0].output_ids) < 470
     for o in outs:
         assert o.finish_reason in ("abort", "length") and len(o.logprobs) == len(o.output_ids)
+    assert gen_all(server, PROMPTS[:1], greedy(max_new=3))[0][0].finish_reason == "length"   # still serving
+
+
+def test_refused_push_changes_nothing(server, tiny_qwen2_dir, tmp_path):
+    from hybridrl import sync
+    before = [o[0].output_ids for o in gen_all(server, PROMPTS, greedy())]
+    version = asyncio.run(server.model_info())["weight_version"]
+    torch.manual_seed(2)
+    changed = [(k, torch.randn_like(v)) for k, v in original_weights(tiny_qwen2_dir).items() if "layers.1" in k]
+    nan = torch.full_like(changed[0][1], float("nan"))
+    tensor_push = lambda bucket: {"serialized_named_tensors": [sync.encode_cpu_bucket(bucket)],  # noqa: E731
+                                  "load_format": sync.CPU_LOAD_FORMAT, "weight_version": "99"}
+    to_tensor, to_disk = "/update_weights_from_tensor", "/update_weights_from_disk"
+    refused = [
+        (tensor_push(changed + [("model.layers.0.self_attn.qq_proj.weight", torch.zeros(2))]), to_tensor,
+         "qq_proj.weight' is unknown"),
+        (tensor_push(changed[1:] + [(changed[0][0], nan)]), to_tensor, f"{changed[0][0]}' holds NaN"),
+        (tensor_push([]), to_tensor, "empty weight update"),
+        ({"serialized_named_tensors": [], "load_format": sync.CPU_LOAD_FORMAT}, to_tensor, "empty"),
+        ({"serialized_named_tensors": ["not base64!"], "load_format": sync.CPU_LOAD_FORMAT}, to_tensor,
+         "not base64 safetensors"),
+        (tensor_push(changed[:1]) | {"weight_version": 1.5}, to_tensor, "weight_version must be"),
+        ({"model_path": str(tmp_path)}, to_disk, "no \\*.safetensors files"),
+        ({"model_path": 7}, to_disk, "not a folder"),
+    ]
+    for body, path, words in refused:
+        status, reply = post(server.url + path, body)
+        assert status == 400 and reply["success"] is False, (path, words, reply)
+        assert re.search(words, reply["message"]), (words, reply["message"])
+    assert asyncio.run(server.model_info())["weight_version"] == version
+    assert [o[0].output_ids for o in gen_all(server, PROMPTS, greedy())] == before
+
+
+def test_bad_requests_get_400_while_a_healthy_one_completes(server):
+    bad = [
+        ({"input_ids": [1.5, 2.0], "sampling_params": {"max_new_tokens": 4}}, r"input_ids\[0\] = 1.5 is not an int"),
+        ({"input_ids": [True, 2]}, r"input_ids\[0\] = True"),
+        ({"input_ids": [5, 100000]}, r"token ids must be in \[0, 512\)"),
+        ({"input_ids": [5], "sampling_params": {"temperature": float("nan")}}, "temperature must be a finite number"),
+        ({"input_ids": [5], "sampling_params": {"max_new_tokens": 2.5}}, "max_new_tokens must be an integer"),
+        ({"input_ids": [5], "sampling_params": {"n": 0}}, "n must be >= 1"),
+        ({"input_ids": [5], "sampling_params": {"bogus": 1}}, r"unknown keys \['bogus'\]"),
+        ({"input_ids": [5], "rid": 3}, "rid must be a string"),
+        ({"input_ids": [5], "return_logprob": "yes"}, "return_logprob must be true or false"),
+        ({"input_ids": [[5], [6, "x"]]}, r"input_ids\[1\]\[1\]"),
+        ({"input_ids": [[5], [6]], "sampling_params": [{}, {"top_p": 2}]}, r"sampling_params\[1\]: top_p"),
+        (b"{not json", "not JSON"),
+        (b"[1, 2, 3]", "must be a JSON object"),
+    ]
+
+    async def main():       # raw HTTP throughout: the sglang client would retry a 500 and hide it
+        healthy = asyncio.create_task(asyncio.to_thread(post, server.url + "/generate", {
+            "input_ids": PROMPTS[1], "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}}))
+        await asyncio.sleep(0.1)
+        replies = [await asyncio.to_thread(post, server.url + "/generate", body) for body, _ in bad]
+        replies.append(await asyncio.to_thread(post, server.url + "/abort_request", {"rid": ["x"]}))
+        replies.append(await asyncio.to_thread(post, server.url + "/release_memory_occupation", {"tags": "weights"}))
+        return await healthy, replies
+    (status, healthy), replies = asyncio.run(main())
+    assert status == 200 and healthy["meta_info"]["finish_reason"]["type"] == "length"
+    assert len(healthy["output_ids"]) == 400
+    for (body, words), (status, reply) in zip(bad + [(None, "rid"), (None, "tags must be a list")], replies):
+        assert status == 400 and re.search(words, message(reply)), (body, status, reply)
     assert gen_all(server, PROMPTS[:1], greedy(max_new=3))[0][0].finish_reason == "length"   # still serving

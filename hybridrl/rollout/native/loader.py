@@ -2,11 +2,14 @@
 
 Each HF tensor name resolves to (engine parameter, row offset, rows): q/k/v land in slices of the
 packed `qkv_proj`, gate/up in slices of `gate_up_proj`, everything else one to one. Loading a
-checkpoint and `update_weights` from the trainer are the same loop over (name, tensor) pairs.
+checkpoint and `update_weights` from the trainer are the same loop over (name, tensor) pairs,
+in two passes per bucket: `check_weights` validates every name, shape and value, then
+`copy_weights` writes, so a refused bucket leaves the model untouched.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -65,15 +68,18 @@ def resolve(name: str, a: ModelArgs) -> tuple[str, int, int | None] | None:
     return name, 0, None
 
 
-@torch.no_grad()
-def load_weights(model: CausalLM, named: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Copy each (hf_name, tensor) into its parameter slice; returns the parameters touched.
+Plan = list[tuple[str, int, int | None, torch.Tensor]]     # (engine parameter, first row, rows, tensor)
 
-    Unknown names and wrong shapes raise HybridRLError naming the tensor.
-    """
+
+def check_weights(model: CausalLM, named: Iterable[tuple[str, torch.Tensor]]) -> Plan:
+    """Validate a bucket of (hf_name, tensor) before anything is copied -> where each tensor goes.
+
+    Refuses (HybridRLError naming the tensor) unknown names, wrong shapes, non-float tensors and
+    values that are NaN / inf or overflow the engine's dtype; names the model ignores are skipped."""
     params = dict(model.named_parameters())
-    touched = set()
-    for name, tensor in named:
+    plan = []
+    for item in named:
+        name, tensor = _pair(item)
         where = resolve(name, model.args)
         if where is None:
             continue
@@ -86,9 +92,49 @@ def load_weights(model: CausalLM, named: Iterable[tuple[str, torch.Tensor]]) -> 
         if tuple(tensor.shape) != tuple(dst.shape):
             raise HybridRLError(f"weight {name!r} has shape {tuple(tensor.shape)} but the engine expects "
                                 f"{tuple(dst.shape)}: is this checkpoint the same model as the engine's?")
+        _check_values(name, tensor, dst.dtype)
+        plan.append((target, start, rows, tensor))
+    return plan
+
+
+def _pair(item) -> tuple[str, torch.Tensor]:
+    pair = isinstance(item, (tuple, list)) and len(item) == 2
+    if pair and isinstance(item[0], str) and isinstance(item[1], torch.Tensor):
+        return item[0], item[1]
+    got = f"({', '.join(type(x).__name__ for x in item)})" if isinstance(item, (tuple, list)) else type(item).__name__
+    raise HybridRLError(f"a weight bucket holds (hf_name: str, tensor: torch.Tensor) pairs; got {got}")
+
+
+def _check_values(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """Float tensors only, every value finite and within `dtype`'s range (one reduction per tensor)."""
+    if not tensor.is_floating_point():
+        raise HybridRLError(f"weight {name!r} has dtype {tensor.dtype}; the engine's weights are {dtype}: "
+                            "send floating-point tensors")
+    if tensor.numel() == 0:
+        return
+    lo, hi = torch.stack(tensor.detach().aminmax()).double().tolist()     # one sync; NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise HybridRLError(f"weight {name!r} holds NaN or inf values (min {lo}, max {hi}); "
+                            "refusing the push: check the trainer's loss and gradients")
+    limit = torch.finfo(dtype).max
+    if max(-lo, hi) > limit:
+        raise HybridRLError(f"weight {name!r} holds values up to {max(-lo, hi):.3g}, beyond {dtype}'s "
+                            f"range ({limit:.3g}); refusing the push")
+
+
+@torch.no_grad()
+def copy_weights(model: CausalLM, plan: Plan) -> set[str]:
+    """Copy a checked bucket into the parameters (wherever they live now); -> parameters touched."""
+    params = dict(model.named_parameters())
+    for target, start, rows, tensor in plan:
+        dst = params[target].data if rows is None else params[target].data.narrow(0, start, rows)
         dst.copy_(tensor.to(dst.device), non_blocking=True)
-        touched.add(target)
-    return touched
+    return {target for target, *_ in plan}
+
+
+def load_weights(model: CausalLM, named: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Check a whole bucket, then copy it: a refused bucket changes nothing. -> parameters touched."""
+    return copy_weights(model, check_weights(model, named))
 
 
 def build_model(model_path: str, device: torch.device, dtype: torch.dtype) -> CausalLM:
@@ -99,7 +145,9 @@ def build_model(model_path: str, device: torch.device, dtype: torch.dtype) -> Ca
     model = model.to_empty(device=device).to(dtype)
     if args.tie_word_embeddings:  # to_empty breaks the tie; restore it
         model.lm_head.weight = model.model.embed_tokens.weight
-    touched = load_weights(model, safetensors_weights(model_path))
+    touched = set()
+    for pair in safetensors_weights(model_path):        # one tensor at a time: host memory stays small
+        touched |= load_weights(model, [pair])
     missing = sorted(set(dict(model.named_parameters())) - touched)
     if missing:
         raise HybridRLError(f"{model_path} lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
