@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from datetime import timedelta
 from typing import Iterable, Iterator
 
@@ -82,6 +83,7 @@ def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    layers = decoder_layers(model)  # fail before touching the model
     if param_dtype is None and device.type == "cuda":
         param_dtype = torch.bfloat16
     tied = tied_embeddings(model)
@@ -89,7 +91,7 @@ def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                   offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
-    for layer in decoder_layers(model):
+    for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     if tied and not tied_embeddings(model):
@@ -180,7 +182,9 @@ def merge_to_hf(sharded_ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     model_state = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
                    for key, meta in reader.read_metadata().state_dict_metadata.items()
                    if key.startswith(prefix) and isinstance(meta, dcp.metadata.TensorStorageMetadata)}
-    dcp.load({MODEL_KEY: model_state}, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # dcp warns that no_dist means one process: that is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({MODEL_KEY: model_state}, storage_reader=reader, no_dist=True)
     with open(os.path.join(model_config_src, "config.json")) as f:
         if json.load(f).get("tie_word_embeddings", False):
             model_state.pop("lm_head.weight", None)
