@@ -62,7 +62,7 @@ def main():
         policy.cfg.ppo_micro_batch_size_per_gpu = micro
         old = policy.log_probs(batch, 1.0, micro)[0]
         t_lp = timed(lambda: policy.log_probs(batch, 1.0, micro))
-        t_up = timed(lambda: policy.update(batch, old, adv, None, 1.0, 256))
+        t_up = timed(lambda: policy.update(batch, old, adv, None, 1.0))
         peak = torch.cuda.max_memory_allocated() / 1e9
         res["runs"].append({"micro": micro, "log_probs_s": round(t_lp, 3), "update_s": round(t_up, 3),
                             "peak_GB": round(peak, 1)})
@@ -72,7 +72,7 @@ def main():
     old = policy.log_probs(batch, 1.0, 32)[0]
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        policy.update(batch, old, adv, None, 1.0, 256)
+        policy.update(batch, old, adv, None, 1.0)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
     print(table)

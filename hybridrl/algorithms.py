@@ -50,9 +50,8 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint  # a submodule that `import torch` does not load
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
-POLICY_LOSSES = ("vanilla", "gspo")
+# the names of the choices live with the settings (hybridrl.config imports no torch); the math is here
+from hybridrl.config import ADV_ESTIMATORS, AGG_MODES, KL_KINDS, POLICY_LOSSES  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------- masked statistics
@@ -238,7 +237,6 @@ def gae_advantages(token_rewards, values, mask, gamma: float, lam: float):
     return masked_whiten(adv, mask), returns
 
 
-ADV_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax")
 
 
 def compute_advantages(

@@ -9,12 +9,14 @@ type-checked by omegaconf's structured configs, `${trainer.project_name}`-style 
 the dataclasses' `__post_init__` check ranges, enums and cross-field rules. A bad key or value raises
 `HybridRLError` naming it; a verl key we accept but do not implement gives a `ConfigWarning`.
 
-Lengths: `data.max_prompt_length` / `data.max_response_length` are the source of truth and
-`rollout.prompt_length` / `rollout.response_length` mirror them. Set either spelling: the one that differs from
-its default is copied onto the other; setting both to different non-default values is an error.
+One field per setting. Lengths: `data.max_prompt_length` (drops longer prompts) and `rollout.response_length`
+(max new tokens); verl's other spellings (`rollout.prompt_length`, `data.max_response_length`) are aliases of
+them in `config_verl.py`, and two spellings of one field set to different values in one place is an error.
+Every number must be finite; mini-batches count prompts everywhere (each brings `rollout.n` samples).
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -24,17 +26,20 @@ from hybridrl import HybridRLError
 from hybridrl import config_verl
 from hybridrl.config_io import to_dict, to_yaml  # noqa: F401  (part of this module's API)
 
+# the choices the math in hybridrl.algorithms implements (it imports these: one list of each)
+ADV_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+POLICY_LOSSES = ("vanilla", "gspo")
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 VERL_ONLY_LOGGERS = ("mlflow", "swanlab", "vemlp_wandb", "clearml", "file")
-LENGTH_PAIRS = (("max_prompt_length", "prompt_length"), ("max_response_length", "response_length"))
 # Fields no code acts on yet: a value other than the default warns "accepted but not implemented yet".
 # Whoever implements one removes it here.
 NOT_IMPLEMENTED = ("model.use_remove_padding", "actor.param_offload", "actor.optimizer_offload", "ref.param_offload",
                    "trainer.n_gpus_per_node", "trainer.nnodes",
                    "trainer.default_hdfs_dir")
-ADV_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax")
 
 
 class ConfigWarning(UserWarning):
@@ -68,6 +73,7 @@ def _bad(key: str, value: Any, want: str) -> HybridRLError:
 
 def _check(obj, choices: dict | None = None, **rules: tuple) -> None:
     """Range rules (`gt0=("lr",)` ...) and enums (`choices={"name": (...)}`) on one section's fields."""
+    _check_finite(obj, obj._section + ".")       # first: `nan` fails every range rule with a misleading message
     for rule, names in rules.items():
         ok, want = _RULES[rule]
         for name in names:
@@ -99,8 +105,7 @@ class DataConfig:
     train_batch_size: int = f(8, "prompts per RL step (each gets rollout.n samples)")
     val_batch_size: int = f(64, "prompts per validation generate call")
     max_prompt_length: int = f(256, "prompts longer than this (after the chat template) are dropped, with a count "
-                                    "(the source of truth; rollout.prompt_length mirrors it)")
-    max_response_length: int = f(32, "max new tokens per response (the source of truth; rollout.response_length mirrors it)")
+                                    "(verl's rollout.prompt_length is the same setting)")
     shuffle: bool = f(True, "shuffle training prompts each epoch")
     seed: int = f(0, "seed for shuffling")
     max_samples: int = f(-1, "use at most this many training prompts (-1 = all)")
@@ -115,8 +120,8 @@ class DataConfig:
         self.train_files = [_expand(p) for p in _as_list(self.train_files)]
         self.val_files = [_expand(p) for p in _as_list(self.val_files)]
         self.path, self.output_path = _expand(self.path), _expand(self.output_path)
-        _check(self, ge1=("train_batch_size", "val_batch_size", "max_prompt_length", "max_response_length",
-                          "n_samples", "batch_size"), opt=("max_samples",))
+        _check(self, ge1=("train_batch_size", "val_batch_size", "max_prompt_length", "n_samples", "batch_size"),
+               opt=("max_samples",))
 
 
 @dataclass
@@ -151,32 +156,31 @@ class ValKwargs:
 @dataclass
 class RolloutConfig:
     name: str = f("native", "rollout backend: native | sglang")
-    mode: str = f("colocated", "colocated (share the trainer's GPUs, sleep/wake) | standalone (own GPUs)")
     temperature: float = f(1.0, "sampling temperature (0 = greedy)")
     top_k: int = f(-1, "top-k (-1 = off)")
     top_p: float = f(1.0, "top-p in (0, 1]")
     min_p: float = f(0.0, "min-p in [0, 1)")
     n: int = f(4, "samples per prompt (the GRPO group size)")
-    prompt_length: int = f(256, "max prompt tokens (mirrors data.max_prompt_length; set either one)")
-    response_length: int = f(32, "max new tokens (mirrors data.max_response_length; set either one)")
+    response_length: int = f(32, "max new tokens per response (verl's data.max_response_length is the same setting)")
     stop: list = f([], "stop strings")
     ignore_eos: bool = f(False, "keep generating past EOS up to response_length (benchmarks with fixed lengths)")
     seed: int = f(0, "sampling seed")
     dtype: str = f("auto", "engine dtype: auto | float32 | bfloat16 | float16")
     gpu_memory_utilization: float = f(0.5, "fraction of device memory for weights + KV cache (sglang mem_fraction_static)")
     tensor_model_parallel_size: int = f(1, "tensor parallel size of the engine")
-    free_cache_engine: bool = f(False, "sleep the engine (free KV cache and weights) while training: turn on when the engine shares a GPU with the trainer")
+    free_cache_engine: bool = f(False, "colocated mode: sleep the engine (free KV cache and weights) while the trainer works; "
+                                       "turn on when the engine shares the trainer's GPUs")
     enforce_eager: bool = f(False, "no CUDA graphs (sglang --disable-cuda-graph)")
     max_num_seqs: int = f(256, "max requests running at once (sglang max_running_requests)")
     max_num_batched_tokens: int = f(8192, "native engine: max tokens in one prefill step")
     kv_block_size: int = f(16, "native engine: tokens per KV cache block")
     log_prob_micro_batch_size_per_gpu: int = f(8, "sequences per micro-batch when recomputing log-probs")
-    calculate_log_probs: bool = f(True, "log-probs of sampled tokens are always returned (the loss needs them); accepted for verl compatibility")
     use_rollout_log_probs: bool = f(True, "use the engine's log-probs as old log-probs (on-policy: the engine holds the trainer's exact weights) instead of recomputing them; false recomputes and logs the rollout/train mismatch")
     server_url: str = f("", "sglang: attach to this running server instead of launching one")
     attention_backend: str = f("", "sglang --attention-backend (empty = SGLang's default)")
     load_format: str = f("auto", "sglang --load-format; `dummy` when the trainer pushes weights at start")
-    weight_sync: str = f("tensor", "how weights reach the engine: tensor (in-process / CUDA IPC) | disk | nccl")
+    weight_sync: str = f("tensor", "how weights reach the engine: tensor (in-process / CUDA IPC) | disk | nccl "
+                                   "(disaggregated: an sglang server on other GPUs, weights broadcast from the trainer)")
     update_weights_bucket_megabytes: int = f(512, "bucket size for streaming weights to the engine")
     engine_kwargs: dict = f({}, "extra backend arguments, e.g. {sglang: {chunked_prefill_size: 4096}}, passed unchanged")
     log_level: str = f("warning", "sglang server log level")
@@ -191,14 +195,21 @@ class RolloutConfig:
         self.top_k = -1 if self.top_k == 0 else self.top_k
         self.stop = _as_list(self.stop)
         _check(self, ge0=("temperature",), unit=("top_p", "gpu_memory_utilization"), opt=("top_k",),
-               ge1=("n", "prompt_length", "response_length", "tensor_model_parallel_size", "max_num_seqs",
+               ge1=("n", "response_length", "tensor_model_parallel_size", "max_num_seqs",
                     "max_num_batched_tokens", "kv_block_size", "log_prob_micro_batch_size_per_gpu",
                     "update_weights_bucket_megabytes"),
                gt0=("server_start_timeout", "request_timeout"),
-               choices={"name": ("native", "sglang"), "mode": ("colocated", "standalone"), "dtype": DTYPES,
+               choices={"name": ("native", "sglang"), "dtype": DTYPES,
                         "weight_sync": ("tensor", "disk", "nccl")})
         if not 0 <= self.min_p < 1:
             raise _bad("rollout.min_p", self.min_p, "must be in [0, 1)")
+        if self.weight_sync != "tensor" and self.name == "native":
+            raise _bad("rollout.weight_sync", self.weight_sync, "the native engine loads the trainer's tensors in "
+                       "process: use rollout.weight_sync=tensor (disk and nccl are for rollout.name=sglang)")
+        if self.weight_sync == "nccl" and self.free_cache_engine:
+            raise _bad("rollout.weight_sync", self.weight_sync, "nccl is the disaggregated mode (the server has GPUs "
+                       "of its own, nothing to free): set rollout.free_cache_engine=false, or use weight_sync=tensor "
+                       "for a colocated engine")
         if self.name == "native" and self.tensor_model_parallel_size > 1:
             warn(f"accepted but not implemented yet: rollout.tensor_model_parallel_size="
                  f"{self.tensor_model_parallel_size} with rollout.name=native (the native engine runs on one GPU)")
@@ -211,7 +222,7 @@ class ActorConfig:
     weight_decay: float = f(0.0, "AdamW weight decay")
     betas: list = f([0.9, 0.999], "AdamW betas")
     grad_clip: float = f(1.0, "max gradient norm")
-    ppo_mini_batch_size: int = f(4, "prompts per optimizer step (x rollout.n samples)")
+    ppo_mini_batch_size: int = f(4, "prompts per optimizer step (each brings its rollout.n samples)")
     ppo_micro_batch_size_per_gpu: int = f(4, "sequences per forward/backward micro-batch")
     ppo_max_token_len_per_gpu: int = f(16384, "token budget per training micro-batch: a micro-batch closes at ppo_micro_batch_size_per_gpu rows or at this many padded tokens (rows x longest row), whichever comes first")
     ppo_epochs: int = f(1, "passes over each batch")
@@ -220,7 +231,7 @@ class ActorConfig:
     clip_ratio_high: float = f(-1.0, "PPO upper clip (-1 = clip_ratio)")
     clip_ratio_c: float = f(3.0, "dual-clip constant for negative advantages (> 1)")
     policy_loss: str = f("vanilla", "vanilla (PPO clip) | gspo (sequence-level ratio)")
-    loss_agg_mode: str = f("token-mean", "token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm")
+    loss_agg_mode: str = f("token-mean", " | ".join(AGG_MODES))
     entropy_coeff: float = f(0.0, "entropy bonus coefficient")
     use_kl_loss: bool = f(False, "add KL to the reference as a loss term (GRPO style)")
     kl_loss_coef: float = f(0.001, "KL loss coefficient")
@@ -235,8 +246,9 @@ class ActorConfig:
         _check(self, gt0=("lr", "grad_clip", "clip_ratio"), ge0=("warmup_steps", "weight_decay", "entropy_coeff",
                "kl_loss_coef", "tis_threshold"), ge1=("ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu",
                "ppo_max_token_len_per_gpu", "ppo_epochs", "max_nan_steps"),
-               choices={"policy_loss": ("vanilla", "gspo"), "kl_loss_type": KL_TYPES, "loss_agg_mode": (
-                   "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")})
+               choices={"policy_loss": POLICY_LOSSES, "kl_loss_type": KL_KINDS, "loss_agg_mode": AGG_MODES})
+        if self.lr >= 1:
+            raise _bad("actor.lr", self.lr, "must be < 1 (AdamW on an LLM diverges at once; typical: 1e-6 .. 1e-4)")
         for name in ("clip_ratio_low", "clip_ratio_high"):
             v = getattr(self, name)
             if v != -1 and not 0 < v < (1 if name == "clip_ratio_low" else float("inf")):
@@ -262,7 +274,9 @@ class CriticConfig:
     model_path: str = f("", "critic backbone; empty = model.path")
     lr: float = f(1e-5, "critic learning rate")
     warmup_steps: int = f(0, "critic learning-rate warm-up steps")
+    ppo_mini_batch_size: int = f(-1, "prompts per critic optimizer step (-1 = actor.ppo_mini_batch_size)")
     ppo_micro_batch_size_per_gpu: int = f(4, "sequences per critic micro-batch")
+    ppo_max_token_len_per_gpu: int = f(16384, "token budget per critic micro-batch (rows x longest row)")
     ppo_epochs: int = f(1, "critic passes over each batch")
     cliprange_value: float = f(0.5, "value clipping range")
     grad_clip: float = f(1.0, "critic max gradient norm")
@@ -271,7 +285,9 @@ class CriticConfig:
     def __post_init__(self):
         self.model_path = _expand(self.model_path)
         _check(self, gt0=("lr", "cliprange_value", "grad_clip"), ge0=("warmup_steps",),
-               ge1=("ppo_micro_batch_size_per_gpu", "ppo_epochs"))
+               ge1=("ppo_micro_batch_size_per_gpu", "ppo_max_token_len_per_gpu", "ppo_epochs"), opt=("ppo_mini_batch_size",))
+        if self.lr >= 1:
+            raise _bad("critic.lr", self.lr, "must be < 1 (typical: 1e-6 .. 1e-4)")
 
 
 @dataclass
@@ -290,7 +306,7 @@ class AlgorithmConfig:
 
     def __post_init__(self):
         _check(self, prob=("gamma", "lam"), ge0=("kl_coef",), gt0=("target_kl", "kl_horizon"),
-               choices={"adv_estimator": ADV_ESTIMATORS, "kl_penalty": KL_TYPES,
+               choices={"adv_estimator": ADV_ESTIMATORS, "kl_penalty": KL_KINDS,
                         "kl_ctrl_type": ("fixed", "adaptive")})
 
 
@@ -300,11 +316,12 @@ class RewardConfig:
     custom_name: str = f("compute_score", "function name in custom_path")
     format_score: float = f(0.0, "score for a well-formed but wrong answer")
     gsm8k_method: str = f("strict", "GSM8K extraction: strict (#### number) | flexible (last number)")
+    timeout_s: float = f(60.0, "seconds one reward call may take before training stops with an error naming it")
     _section: ClassVar[str] = "reward"
 
     def __post_init__(self):
         self.custom_path = _expand(self.custom_path)
-        _check(self, choices={"gsm8k_method": ("strict", "flexible")})
+        _check(self, gt0=("timeout_s",), choices={"gsm8k_method": ("strict", "flexible")})
 
 
 @dataclass
@@ -363,8 +380,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig, metadata={"help": "loop, logging, checkpoints"})
 
     def __post_init__(self):
-        for dk, rk in LENGTH_PAIRS:
-            self._sync_length(dk, rk)
+        _check_finite(self)
         for key in NOT_IMPLEMENTED:
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)
@@ -379,18 +395,18 @@ class Config:
             warn(f"algorithm.adv_estimator={self.algorithm.adv_estimator} with rollout.n=1: every advantage "
                  "is 0 (a group of one); set rollout.n >= 2")
 
-    def _sync_length(self, data_key: str, rollout_key: str) -> None:
-        """Make data.<data_key> and rollout.<rollout_key> agree; whichever differs from its default wins."""
-        d, r = getattr(self.data, data_key), getattr(self.rollout, rollout_key)
-        if d == r:
-            return
-        if r == getattr(RolloutConfig(), rollout_key):
-            setattr(self.rollout, rollout_key, d)
-        elif d == getattr(DataConfig(), data_key):
-            setattr(self.data, data_key, r)
-        else:
-            raise HybridRLError(f"data.{data_key}={d} and rollout.{rollout_key}={r} disagree: they are one "
-                                f"setting, set only data.{data_key}")
+
+def _check_finite(obj, prefix: str = "") -> None:
+    """Refuse NaN and +-inf anywhere in the config (actor.lr=inf trained to non-finite weights and exit 0)."""
+    for fld in fields(obj):
+        v = getattr(obj, fld.name)
+        key = f"{prefix}{fld.name}"
+        if is_dataclass(v):
+            _check_finite(v, key + ".")
+        values = v if isinstance(v, (list, tuple)) else [v]
+        for x in values:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise _bad(key, v, "must be a finite number")
 
 
 # ---------------------------------------------------------------- loading
@@ -406,13 +422,14 @@ def resolve_config(overrides=(), config_file: str | None = None,
     """`load_config`, also returning (verl_key, our_key) for every verl spelling that was mapped.
 
     `base`: overrides applied before the file (e.g. `config_verl.VERL_DEFAULTS`)."""
-    items = [config_verl.parse_override(arg) for arg in base]
-    items += config_verl.flatten(config_verl.read_yaml(config_file)) if config_file else []
-    items += [config_verl.parse_override(arg) for arg in overrides]
+    items = [(0, *config_verl.parse_override(arg)) for arg in base]
+    items += [(1, k, v) for k, v in config_verl.flatten(config_verl.read_yaml(config_file))] if config_file else []
+    items += [(2, *config_verl.parse_override(arg)) for arg in overrides]
     conf, mapped = _omegaconf().structured(Config), []
     # structured() ran TrainerConfig.__post_init__, which resolved the run folder: restore the interpolation
     conf.trainer.default_local_dir = next(f.default for f in fields(TrainerConfig) if f.name == "default_local_dir")
-    for key, value in items:
+    seen: dict[str, tuple[int, str, Any]] = {}     # our key -> (layer, spelling, value), to catch two spellings
+    for layer, key, value in items:
         ours, how = config_verl.map_key(key)
         if how == "accepted":
             msg = None if value is None else config_verl.accepted_warning(key, value)
@@ -424,8 +441,22 @@ def resolve_config(overrides=(), config_file: str | None = None,
             raise HybridRLError(config_verl.unknown_key_message(key, all_keys()))
         if how == "verl":
             mapped.append((key, ours))
-        _assign(conf, key, ours, config_verl.map_interpolations(value), typ)
+        value = config_verl.map_interpolations(value)
+        if value == "${%s}" % ours:        # verl's `response_length: ${data.max_response_length}`: one field now
+            continue
+        _check_one_spelling(seen, layer, key, ours, value)
+        _assign(conf, key, ours, value, typ)
     return from_dict(_resolve(conf)), mapped
+
+
+def _check_one_spelling(seen: dict, layer: int, key: str, ours: str, value) -> None:
+    """Two spellings of one field (data.max_response_length, rollout.response_length) with two values in one
+    layer (the file, or the command line) is an error; a later layer overriding an earlier one is fine."""
+    prev = seen.get(ours)
+    if prev is not None and prev[0] == layer and prev[1] != key and prev[2] != value:
+        raise HybridRLError(f"{prev[1]}={prev[2]!r} and {key}={value!r} are one setting ({ours}) with two values: "
+                            "set only one of them")
+    seen[ours] = (layer, key, value)
 
 
 def from_dict(tree: dict, cls=Config):

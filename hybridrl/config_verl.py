@@ -48,6 +48,10 @@ VERL_KEYS: dict[str, str] = {
     "custom_reward_function.name": "reward.custom_name",
     "reward.custom_reward_function.path": "reward.custom_path",
     "reward.custom_reward_function.name": "reward.custom_name",
+    # one field per setting: verl's second spelling of a length is an alias
+    "data.max_response_length": "rollout.response_length",
+    "actor_rollout_ref.rollout.prompt_length": "data.max_prompt_length",
+    "rollout.prompt_length": "data.max_prompt_length",
 }
 
 # verl section -> our section: exact because the field names below them are the same.
@@ -87,6 +91,7 @@ ACCEPTED: dict[str, tuple | None] = {
     "actor_rollout_ref.model.external_lib": (None,),
     "actor_rollout_ref.model.use_fused_kernels": (False,),
     "actor_rollout_ref.rollout.mode": ("sync",),
+    "actor_rollout_ref.rollout.calculate_log_probs": (True,),   # log-probs of sampled tokens always come back
     "actor_rollout_ref.rollout.do_sample": (True,),
     "actor_rollout_ref.rollout.enable_chunked_prefill": (True,),
     "actor_rollout_ref.rollout.enable_prefix_caching": (True,),
@@ -102,9 +107,7 @@ ACCEPTED: dict[str, tuple | None] = {
     "actor_rollout_ref.ref.log_prob_use_dynamic_bsz": (False,),
     "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu": ANY,
     "critic.ppo_micro_batch_size": (None,),
-    "critic.ppo_mini_batch_size": (None,),
     "critic.use_dynamic_bsz": (False,),
-    "critic.ppo_max_token_len_per_gpu": ANY,
     "critic.model.enable_gradient_checkpointing": (),
     "critic.model.use_remove_padding": (True,),
     "critic.model.fsdp_config.param_offload": (False,),

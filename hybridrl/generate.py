@@ -39,9 +39,7 @@ def default_data() -> str:
 
 
 def sampling_for(cfg: Config, seed: int) -> SamplingParams:
-    r = cfg.rollout
-    return SamplingParams(max_new_tokens=r.response_length, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                          min_p=r.min_p, n=cfg.data.n_samples, stop=list(r.stop), seed=seed)
+    return SamplingParams.from_rollout(cfg.rollout, n=cfg.data.n_samples, seed=seed)
 
 
 async def generate_all(engine, samples, cfg: Config, on_done) -> list[list]:
@@ -151,7 +149,7 @@ def generate(cfg: Config) -> str:
     # never more sequences in flight than batch_size x n_samples: size the engine for that
     seats = min(cfg.rollout.max_num_seqs, cfg.data.batch_size * cfg.data.n_samples)
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(
-        cfg.rollout, max_num_seqs=max(seats, cfg.data.n_samples), prompt_length=cfg.data.max_prompt_length))
+        cfg.rollout, max_num_seqs=max(seats, cfg.data.n_samples)))
     engine = engine_class(cfg.rollout.name).from_config(cfg, model_path=model_path)
 
     bar = tqdm(total=len(samples), unit="prompt", desc="generate", dynamic_ncols=True)

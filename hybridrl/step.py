@@ -2,21 +2,22 @@
 
 `rl_step` works with any rollout backend (native, sglang) and any trainer that offers
 `log_probs`, `update`, `named_weights` (see hybridrl/trainer/actor.py). The engine sleeps
-while the trainer works when `rollout.free_cache_engine` is on (colocated flow), and wakes in
-stages for the weight push: weights first, then the KV cache (the OOM-at-wake fix).
+while the trainer works when `rollout.free_cache_engine` is on (colocated flow); the weight
+push (`engine.update_weights`) wakes it in stages, so nothing here knows which backend runs.
 """
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hybridrl import algorithms as A
+from hybridrl import HybridRLError, algorithms as A
 from hybridrl.config import Config
 from hybridrl.rollout.agent import rollout
+from hybridrl.rewards import score_samples
 from hybridrl.rollout.base import SamplingParams
 from hybridrl.sync import bucketize
 from hybridrl.trainer.batch import collate
@@ -44,13 +45,6 @@ class RLContext:
         self.timing[name] = self.timing.get(name, 0.0) + time.perf_counter() - t
 
 
-def train_sampling(cfg: Config) -> SamplingParams:
-    r = cfg.rollout
-    return SamplingParams(max_new_tokens=r.response_length, temperature=r.temperature, top_k=r.top_k,
-                          top_p=r.top_p, min_p=r.min_p, n=r.n, stop=list(r.stop), seed=r.seed,
-                          ignore_eos=r.ignore_eos)
-
-
 async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     cfg, ctx.timing = ctx.cfg, {}
     T = cfg.rollout.temperature
@@ -58,7 +52,7 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
 
     # 1. rollout: n samples per prompt, all requests in flight; then the engine sleeps
     with ctx.timer("gen"):
-        samples = await rollout(ctx.engine, prompts, train_sampling(cfg), ctx.tokenizer, step=step)
+        samples = await rollout(ctx.engine, prompts, SamplingParams.from_rollout(cfg.rollout), ctx.tokenizer, step=step)
         baseline = await remax_baseline(ctx, prompts, samples, step) if cfg.algorithm.adv_estimator == "remax" else None
     if cfg.rollout.free_cache_engine:
         with ctx.timer("sleep"):
@@ -66,7 +60,7 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
 
     # 2. rewards, one score per sample
     with ctx.timer("reward"):
-        score_samples(samples, ctx.reward_fn)
+        score_samples(samples, ctx.reward_fn, cfg.reward.timeout_s)
     batch = collate(samples, pad_id=ctx.tokenizer.pad_token_id or 0)
     mask = batch.response_mask
 
@@ -98,15 +92,12 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
             token_rewards=token_rewards, values=values, gamma=cfg.algorithm.gamma, lam=cfg.algorithm.lam,
             norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo, baseline_scores=baseline)
 
-    # 6. update: critic, then the actor (after the critic warm-up)
-    mini = cfg.actor.ppo_mini_batch_size * cfg.rollout.n
+    # 6. update: critic, then the actor (after the critic warm-up); mini-batches of whole prompts
     with ctx.timer("update"):
         if ctx.critic is not None:
-            metrics.update(ctx.critic.update(batch, values, returns, mini, cfg.actor.loss_agg_mode,
-                                             cfg.rollout.response_length))
+            metrics.update(ctx.critic.update(batch, values, returns))
         if step > cfg.trainer.critic_warmup:
-            metrics.update({f"actor/{k}": v for k, v in
-                            ctx.actor.update(batch, old_logp, adv, ref_logp, T, mini).items()})
+            metrics.update({f"actor/{k}": v for k, v in ctx.actor.update(batch, old_logp, adv, ref_logp, T).items()})
 
     # 7. weight sync: the engine serves the new policy under a new version
     with ctx.timer("sync"):
@@ -114,6 +105,7 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
 
     # 8. metrics
     metrics.update(step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg))
+    metrics.update(staleness_metrics(samples, ctx.version - 1))   # rollout ran on the version before this sync
     metrics.update({f"timing/{k}": v for k, v in ctx.timing.items()})
     metrics["timing/step"] = time.perf_counter() - t0
     n_tokens = int(batch.attention_mask.sum())
@@ -122,33 +114,32 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     return metrics
 
 
-def score_samples(samples: list[Sample], reward_fn) -> None:
-    for s in samples:
-        out = reward_fn(s.data_source, s.response_text, s.ground_truth, s.extra_info)
-        s.reward = float(out["score"])
-        s.reward_extra = {k: v for k, v in out.items() if k != "score"}
-
-
 async def remax_baseline(ctx: RLContext, prompts: list[Sample], samples: list[Sample], step: int) -> torch.Tensor:
     """ReMax: each prompt's greedy answer, scored, is the baseline of its samples. # [B]"""
-    greedy = await rollout(ctx.engine, prompts, replace(train_sampling(ctx.cfg), temperature=0.0, n=1),
+    greedy = await rollout(ctx.engine, prompts, SamplingParams.from_rollout(ctx.cfg.rollout, temperature=0.0, n=1),
                            ctx.tokenizer, step=step, desc="remax baseline")
-    score_samples(greedy, ctx.reward_fn)
+    score_samples(greedy, ctx.reward_fn, ctx.cfg.reward.timeout_s)
     return torch.tensor([greedy[s.group].reward for s in samples], dtype=torch.float32)
 
 
 async def sync_weights(ctx: RLContext) -> None:
-    """Multi-stage wake and push: wake weights → stream buckets (new version) → flush → wake KV cache."""
-    cfg, engine = ctx.cfg, ctx.engine
-    colocated = cfg.rollout.free_cache_engine
-    if colocated:
-        await engine.wake(["weights"])
+    """Push the actor's weights under a new version; the engine wakes, loads and flushes (see rollout/base.py).
+
+    ctx.version is the one weight version on the trainer side; engines stamp it on their outputs and
+    samples carry it (`Sample.weight_version`), which `staleness_metrics` reads."""
+    if not ctx.actor.parameters_finite():
+        raise HybridRLError("the actor's parameters are no longer finite (NaN or inf) after the update: "
+                            "stopping before they reach the engine or an export; lower actor.lr or check the rewards")
     ctx.version += 1
-    await engine.update_weights(bucketize(ctx.actor.named_weights(), cfg.rollout.update_weights_bucket_megabytes),
-                                ctx.version)
-    await engine.flush_cache()
-    if colocated:
-        await engine.wake(["kv_cache"])
+    buckets = bucketize(ctx.actor.named_weights(), ctx.cfg.rollout.update_weights_bucket_megabytes)
+    await ctx.engine.update_weights(buckets, ctx.version)
+
+
+def staleness_metrics(samples: list[Sample], expected: int) -> dict:
+    """How many samples came from weights older than the version the trainer last pushed (async needs it)."""
+    stale = [expected - s.weight_version for s in samples if s.weight_version != expected]
+    return {"rollout/stale_fraction": len(stale) / max(1, len(samples)),
+            "rollout/staleness_max": float(max(stale, default=0))}
 
 
 def reward_metrics(samples: list[Sample], prefix: str = "") -> dict:

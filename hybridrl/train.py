@@ -19,7 +19,8 @@ from hybridrl import checkpoint as ckpt
 from hybridrl.config import Config
 from hybridrl.rollout.agent import rollout
 from hybridrl.rollout.base import SamplingParams, engine_class
-from hybridrl.step import RLContext, reward_metrics, rl_step, score_samples, sync_weights
+from hybridrl.rewards import score_samples
+from hybridrl.step import RLContext, reward_metrics, rl_step, sync_weights
 from hybridrl.tracking import Tracker, plot_run
 from hybridrl.types import Sample
 
@@ -63,16 +64,23 @@ def train(cfg: Config) -> dict:
 
 
 async def train_async(cfg: Config) -> dict:
-    from hybridrl.trainer.actor import Critic, Policy, pick_device
     run_dir = Path(cfg.trainer.default_local_dir)
     ckpt.check_writable(run_dir)
+    with ckpt.run_lock(run_dir):           # one run per folder: a second one is refused, naming this PID
+        return await run(cfg, run_dir)
+
+
+async def run(cfg: Config, run_dir: Path) -> dict:
+    from hybridrl.devices import resolve_device
+    from hybridrl.trainer.actor import Critic, Policy
     seed_everything(cfg.trainer.seed)
     model_path, tokenizer, train_prompts, val_prompts = load_inputs(cfg)
-    device = pick_device(cfg.trainer.device)
-    actor = Policy(model_path, cfg.model, cfg.actor, device, norm_len=cfg.rollout.response_length)
+    device, norm_len = resolve_device(cfg.trainer.device), cfg.rollout.response_length
+    actor = Policy(model_path, cfg.model, cfg.actor, device, norm_len)
     needs_ref = cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
-    ref = Policy(model_path, cfg.model, cfg.actor, device, trainable=False) if needs_ref else None
-    critic = (Critic(cfg.critic.model_path or model_path, cfg.model, cfg.critic, device)
+    ref = Policy(model_path, cfg.model, cfg.actor, device, norm_len, trainable=False) if needs_ref else None
+    critic = (Critic(cfg.critic.model_path or model_path, cfg.model, cfg.critic, device, norm_len,
+                     cfg.actor.loss_agg_mode, cfg.actor.ppo_mini_batch_size, cfg.actor.max_nan_steps)
               if cfg.algorithm.adv_estimator == "gae" else None)
     from hybridrl.rewards import load_reward_fn
     ctx = RLContext(cfg, None, actor, tokenizer, load_reward_fn(cfg.reward), ref=ref, critic=critic,
@@ -157,13 +165,13 @@ def seed_everything(seed: int) -> None:
 
 async def validate(ctx: RLContext, prompts: list[Sample]) -> dict:
     v = ctx.cfg.rollout.val_kwargs
-    sp = SamplingParams(max_new_tokens=ctx.cfg.rollout.response_length,
-                        temperature=v.temperature if v.do_sample else 0.0, top_k=v.top_k, top_p=v.top_p,
-                        n=v.n if v.do_sample else 1, stop=list(ctx.cfg.rollout.stop), seed=ctx.cfg.rollout.seed)
+    sp = SamplingParams.from_rollout(ctx.cfg.rollout, temperature=v.temperature if v.do_sample else 0.0,
+                                     top_k=v.top_k, top_p=v.top_p, min_p=0.0, n=v.n if v.do_sample else 1,
+                                     ignore_eos=False)
     samples, size = [], ctx.cfg.data.val_batch_size
     for i in range(0, len(prompts), size):      # at most val_batch_size prompts in flight
         samples += await rollout(ctx.engine, prompts[i:i + size], sp, ctx.tokenizer, step=-1 - i, desc="validate")
-    score_samples(samples, ctx.reward_fn)
+    score_samples(samples, ctx.reward_fn, ctx.cfg.reward.timeout_s)
     m = reward_metrics(samples, prefix="val/")
     m["val/response_length/mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
     return m
@@ -172,7 +180,7 @@ async def validate(ctx: RLContext, prompts: list[Sample]) -> dict:
 def warn_step(metrics: dict, step: int, estimator: str = "grpo") -> None:
     if metrics.get("response_length/clip_ratio", 0) >= 1.0:
         tqdm.write(f"warning: step {step}: every response hit rollout.response_length; rewards may all be "
-                   "zero. Raise data.max_response_length or ask for shorter answers.")
+                   "zero. Raise rollout.response_length or ask for shorter answers.")
     if metrics.get("reward/std", 1.0) == 0.0 and estimator != "gae":   # with a critic, values still differ
         tqdm.write(f"warning: step {step}: all rewards equal ({metrics.get('reward/mean'):.3g}), so every "
                    "advantage is zero and the policy did not move this step.")

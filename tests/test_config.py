@@ -18,7 +18,7 @@ VERL_CASES = [
     ("data.val_files=/tmp/test.parquet", "data.val_files", ["/tmp/test.parquet"]),
     ("data.train_batch_size=32", "data.train_batch_size", 32),
     ("data.max_prompt_length=512", "data.max_prompt_length", 512),
-    ("data.max_response_length=300", "data.max_response_length", 300),
+    ("data.max_response_length=300", "rollout.response_length", 300),
     ("actor_rollout_ref.model.path=/models/qwen", "model.path", "/models/qwen"),
     ("actor_rollout_ref.actor.optim.lr=3e-6", "actor.lr", 3e-6),
     ("actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor.ppo_mini_batch_size", 4),
@@ -34,7 +34,7 @@ VERL_CASES = [
     ("actor_rollout_ref.rollout.top_k=20", "rollout.top_k", 20),
     ("actor_rollout_ref.rollout.top_p=0.95", "rollout.top_p", 0.95),
     ("actor_rollout_ref.rollout.n=5", "rollout.n", 5),
-    ("actor_rollout_ref.rollout.prompt_length=512", "rollout.prompt_length", 512),
+    ("actor_rollout_ref.rollout.prompt_length=512", "data.max_prompt_length", 512),
     ("actor_rollout_ref.rollout.response_length=300", "rollout.response_length", 300),
     ("actor_rollout_ref.rollout.free_cache_engine=False", "rollout.free_cache_engine", False),
     ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=6", "rollout.log_prob_micro_batch_size_per_gpu", 6),
@@ -142,6 +142,12 @@ def test_wrong_type_names_key_value_and_type():
     ("trainer.device=hpu", "auto | cpu | cuda"),
     ("trainer.resume_mode=maybe", "resume_path"),
     ("actor.lr=0", "> 0"),
+    ("actor.lr=inf", "finite"),
+    ("actor.lr=nan", "finite"),
+    ("actor.lr=3", "< 1"),
+    ("critic.cliprange_value=-inf", "finite"),
+    ("rollout.weight_sync=nccl", "native engine loads the trainer's tensors in process"),
+    ("rollout.weight_sync=disk", "weight_sync=tensor"),
     ("rollout.top_p=0", r"\(0, 1\]"),
     ("rollout.top_p=1.5", r"\(0, 1\]"),
     ("rollout.temperature=-1", ">= 0"),
@@ -161,18 +167,28 @@ def test_cross_field_rules():
     with pytest.raises(HybridRLError, match="multiple of actor.ppo_mini_batch_size=4"):
         load_config(["data.train_batch_size=10"])
     assert load("data.train_batch_size=24").data.train_batch_size == 24
-    with pytest.raises(HybridRLError, match="disagree"):
+    with pytest.raises(HybridRLError, match="one setting .data.max_prompt_length. with two values"):
         load_config(["data.max_prompt_length=100", "rollout.prompt_length=200"])
     with pytest.raises(HybridRLError, match="multiple"):    # construction in Python validates too
         Config().__class__(data=Config().data.__class__(train_batch_size=7))
 
 
-def test_lengths_mirror_whichever_is_set():
+def test_one_field_per_setting_whatever_the_spelling(tmp_path):
+    """verl spells the two lengths twice; each is one field here, and two different values are an error."""
     cfg = load("actor_rollout_ref.rollout.prompt_length=100", "data.max_response_length=50")
-    assert (cfg.data.max_prompt_length, cfg.rollout.prompt_length) == (100, 100)
-    assert (cfg.data.max_response_length, cfg.rollout.response_length) == (50, 50)
-    built = from_dict({"data": {"max_prompt_length": 333}})
-    assert built.rollout.prompt_length == 333
+    assert (cfg.data.max_prompt_length, cfg.rollout.response_length) == (100, 50)
+    assert not hasattr(cfg.rollout, "prompt_length") and not hasattr(cfg.data, "max_response_length")
+    same = load("data.max_response_length=40", "actor_rollout_ref.rollout.response_length=40")
+    assert same.rollout.response_length == 40                        # the same value twice is fine
+    with pytest.raises(HybridRLError, match="rollout.response_length.*two values"):
+        load_config(["data.max_response_length=40", "actor_rollout_ref.rollout.response_length=41"])
+    # verl's YAML writes `response_length: ${data.max_response_length}`: that is the same field, not a loop
+    path = tmp_path / "verl.yaml"
+    path.write_text("data:\n  max_response_length: 77\nactor_rollout_ref:\n  rollout:\n"
+                    "    response_length: ${data.max_response_length}\n")
+    assert load(config_file=str(path)).rollout.response_length == 77
+    # an override beats the file, whichever spelling either uses
+    assert load("actor_rollout_ref.rollout.response_length=9", config_file=str(path)).rollout.response_length == 9
 
 
 def test_accepted_but_not_implemented_warns():
@@ -203,7 +219,7 @@ def test_yaml_in_verl_nested_layout(tmp_path):
         "custom_reward_function: {path: r.py, name: score}\n"
         "trainer:\n  project_name: p\n  experiment_name: e_${actor_rollout_ref.rollout.n}\n")
     cfg = load("actor_rollout_ref.rollout.n=2", config_file=str(path))   # overrides beat the file
-    assert cfg.data.train_files == ["a.parquet"] and cfg.rollout.prompt_length == 64
+    assert cfg.data.train_files == ["a.parquet"] and cfg.data.max_prompt_length == 64
     assert cfg.model.path == "/m" and cfg.actor.lr == 2e-6 and cfg.actor.optimizer_offload is False
     assert cfg.rollout.name == "sglang" and cfg.rollout.n == 2
     assert cfg.rollout.engine_kwargs == {"sglang": {"attention_backend": "fa3"}}
@@ -260,3 +276,17 @@ def test_default_yaml_lists_every_field():
     listed = {key for key, _ in config_verl.flatten(config_verl.read_yaml(os.path.join(EXAMPLES, "default.yaml")))}
     missing = set(all_keys()) - listed
     assert not missing, f"examples/default.yaml lacks {sorted(missing)}: regenerate it with `hybridrl config show --comments`"
+
+
+def test_nccl_is_the_disaggregated_mode_only():
+    """weight_sync=nccl trains with an sglang server on GPUs of its own; with a sleeping (colocated) engine it is
+    refused before anything starts, naming both settings and the fix."""
+    ok = load("rollout.name=sglang", "rollout.weight_sync=nccl")
+    assert ok.rollout.weight_sync == "nccl" and ok.rollout.free_cache_engine is False
+    with pytest.raises(HybridRLError, match="rollout.free_cache_engine=false"):
+        load_config(["rollout.name=sglang", "rollout.weight_sync=nccl", "rollout.free_cache_engine=true"])
+
+
+def test_critic_mini_batch_follows_the_actor_unless_set():
+    assert load().critic.ppo_mini_batch_size == -1
+    assert load("critic.ppo_mini_batch_size=2", "critic.ppo_max_token_len_per_gpu=512").critic.ppo_max_token_len_per_gpu == 512

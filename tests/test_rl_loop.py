@@ -32,7 +32,7 @@ def overrides(task, model_dir, run_dir, *extra):
     return [f"model.path={model_dir}", f"data.train_files=[{task}/train.jsonl]",
             f"data.val_files=[{task}/val.jsonl]", f"reward.custom_path={task}/reward.py",
             "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "actor.ppo_micro_batch_size_per_gpu=4",
-            "rollout.n=4", "data.max_response_length=12", "data.max_prompt_length=64", "actor.lr=1e-3",
+            "rollout.n=4", "rollout.response_length=12", "data.max_prompt_length=64", "actor.lr=1e-3",
             "trainer.device=cpu", "trainer.val_before_train=false", "trainer.logger=[jsonl]",
             f"trainer.default_local_dir={run_dir}", "rollout.kv_block_size=16", *extra]
 
@@ -44,8 +44,9 @@ def build_ctx(cfg):
     from hybridrl.train import load_inputs, make_kl_ctrl
     from hybridrl.trainer.actor import Policy
     model_path, tok, prompts, _ = load_inputs(cfg)
-    actor = Policy(model_path, cfg.model, cfg.actor, torch.device("cpu"))
-    ref = Policy(model_path, cfg.model, cfg.actor, torch.device("cpu"), trainable=False)
+    n = cfg.rollout.response_length
+    actor = Policy(model_path, cfg.model, cfg.actor, torch.device("cpu"), n)
+    ref = Policy(model_path, cfg.model, cfg.actor, torch.device("cpu"), n, trainable=False)
     engine = engine_class("native").from_config(cfg, model_path=model_path)
     return RLContext(cfg, engine, actor, tok, load_reward_fn(cfg.reward), ref=ref, kl_ctrl=make_kl_ctrl(cfg)), prompts
 
@@ -129,16 +130,16 @@ def test_nan_loss_skips_then_stops(task, tiny_qwen2_dir, tmp_path):
     from hybridrl.trainer.batch import collate
     from hybridrl.types import Sample
     cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, "actor.max_nan_steps=2"))
-    policy = Policy(tiny_qwen2_dir, cfg.model, cfg.actor, torch.device("cpu"))
+    policy = Policy(tiny_qwen2_dir, cfg.model, cfg.actor, torch.device("cpu"), 12)
     s = Sample(prompt_ids=[1, 2, 3])
     s.append([4, 5], [-1.0, -1.0])
     batch = collate([s, s], pad_id=0)
     old = torch.zeros(2, 2)
     before = [p.clone() for p in policy.model.parameters()]
-    policy.update(batch, old, torch.full((2, 2), float("nan")), None, 1.0, 2)   # skipped, logged
+    policy.update(batch, old, torch.full((2, 2), float("nan")), None, 1.0)   # skipped, logged
     assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
     with pytest.raises(HybridRLError, match="non-finite"):
-        policy.update(batch, old, torch.full((2, 2), float("nan")), None, 1.0, 2)
+        policy.update(batch, old, torch.full((2, 2), float("nan")), None, 1.0)
 
 
 def test_truncated_and_equal_reward_steps_warn(capsys):
@@ -195,8 +196,9 @@ def test_tracker_rewrites_steps_after_the_resumed_checkpoint(tmp_path):
         t.log({"reward/mean": s / 10}, s)
     Tracker(["jsonl"], tmp_path, {}, resume_step=2).log({"reward/mean": 0.9}, 3)
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
-    Tracker(["jsonl"], tmp_path, {})      # a fresh run starts an empty log
-    assert read_jsonl(tmp_path / "metrics.jsonl") == []
+    with pytest.raises(HybridRLError, match="holds the metrics of an earlier run"):
+        Tracker(["jsonl"], tmp_path, {})  # a fresh run never wipes another run's log
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_checkpoints_pruned_by_step_and_fresh_run_refuses_old_folder(task, tiny_qwen2_dir, tmp_path):
@@ -216,10 +218,10 @@ def test_micro_batching_does_not_change_the_gradient(task, tiny_qwen2_dir, tmp_p
     from hybridrl.trainer.batch import collate
     from hybridrl.types import Sample
     cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, f"actor.loss_agg_mode={mode}", "actor.grad_clip=1e9"))
-    policy = Policy(tiny_qwen2_dir, cfg.model, cfg.actor, torch.device("cpu"))
-    for g in policy.opt.param_groups:
+    policy = Policy(tiny_qwen2_dir, cfg.model, cfg.actor, torch.device("cpu"), 12)
+    for g in policy.optim.opt.param_groups:
         g["lr"] = 0.0                              # parameters stay put; only gradients are compared
-    policy.sched.base_lrs = [0.0] * len(policy.sched.base_lrs)
+    policy.optim.sched.base_lrs = [0.0] * len(policy.optim.sched.base_lrs)
     samples = []
     for n in (1, 7, 3, 12):                        # very different response lengths
         s = Sample(prompt_ids=[5, 6, 7][: 1 + n % 3])
@@ -231,8 +233,91 @@ def test_micro_batching_does_not_change_the_gradient(task, tiny_qwen2_dir, tmp_p
     norms = {}
     for name, micro, budget in (("one", 4, 10_000), ("rows", 1, 10_000), ("tokens", 4, 16)):
         policy.cfg.ppo_micro_batch_size_per_gpu, policy.cfg.ppo_max_token_len_per_gpu = micro, budget
-        norms[name] = policy.update(batch, old, adv, None, 1.0, mini_batch_size=4)["grad_norm"]
+        norms[name] = policy.update(batch, old, adv, None, 1.0)["grad_norm"]   # one group: one mini-batch
     assert norms["rows"] == pytest.approx(norms["one"], rel=1e-4)
     assert norms["tokens"] == pytest.approx(norms["one"], rel=1e-4)
     sizes = [s.stop - s.start for s, _ in micro_batches(batch, 4, 16)]
     assert sum(sizes) == 4 and len(sizes) > 1
+
+
+def grouped_batch(lengths_per_group):
+    from hybridrl.trainer.batch import collate
+    from hybridrl.types import Sample
+    samples = []
+    for g, lengths in enumerate(lengths_per_group):
+        for n in lengths:
+            s = Sample(prompt_ids=[5, 6, 7], group=g)
+            s.append(list(range(10, 10 + n)), [-1.0] * n)
+            samples.append(s)
+    return collate(samples, pad_id=0)
+
+
+def test_mini_batches_hold_whole_prompt_groups():
+    """actor.ppo_mini_batch_size counts prompts: a mini-batch holds all n samples of each of its prompts."""
+    from hybridrl.trainer.actor import mini_batches
+    batch = grouped_batch([[1, 2, 3], [4, 5, 6], [7, 8, 9], [2, 2, 2], [3, 3, 3]])   # 5 prompts x n=3
+    minis = list(mini_batches(batch, 2))
+    assert [rows.tolist() for rows, _ in minis] == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    assert [mb.group_ids.tolist() for _, mb in minis] == [[0, 0, 0, 1, 1, 1], [2, 2, 2, 3, 3, 3], [4, 4, 4]]
+
+
+def test_critic_shares_the_ppo_loop_token_budget_and_nan_guard(task, tiny_qwen2_dir, tmp_path):
+    """The critic's update is the policy's loop: micro-batching by rows or token budget leaves the gradient
+    unchanged, its mini-batch follows the actor's, and non-finite losses skip, then stop."""
+    from hybridrl.trainer.actor import Critic
+    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path, "critic.grad_clip=1e9", "actor.max_nan_steps=2"))
+    critic = Critic(tiny_qwen2_dir, cfg.model, cfg.critic, torch.device("cpu"), 12, "token-mean",
+                    cfg.actor.ppo_mini_batch_size, cfg.actor.max_nan_steps)
+    assert critic.mini_prompts == cfg.actor.ppo_mini_batch_size == 2
+    for g in critic.optim.opt.param_groups:
+        g["lr"] = 0.0
+    critic.optim.sched.base_lrs = [0.0] * len(critic.optim.sched.base_lrs)
+    batch = grouped_batch([[1, 7], [3, 12]])
+    old = critic.values(batch)
+    returns = torch.linspace(-1, 1, 4)[:, None].expand_as(batch.response_mask).contiguous() * batch.response_mask
+    norms = {}
+    for name, rows, budget in (("one", 4, 10_000), ("rows", 1, 10_000), ("tokens", 4, 16)):
+        critic.cfg.ppo_micro_batch_size_per_gpu, critic.cfg.ppo_max_token_len_per_gpu = rows, budget
+        m = critic.update(batch, old, returns)
+        norms[name] = m["critic/vf_grad_norm"]
+        assert {"critic/vf_loss", "critic/vf_clipfrac", "critic/lr"} <= set(m)
+    assert norms["one"] > 0
+    assert norms["rows"] == pytest.approx(norms["one"], rel=1e-4)
+    assert norms["tokens"] == pytest.approx(norms["one"], rel=1e-4)
+    nan = torch.full_like(returns, float("nan"))
+    before = [p.clone() for p in critic.backbone.parameters()]
+    critic.cfg.ppo_micro_batch_size_per_gpu = 4
+    critic.update(batch, old, nan)                 # one mini-batch (two prompts): skipped, logged
+    with pytest.raises(HybridRLError, match="critic: .*non-finite"):
+        critic.update(batch, old, nan)
+    assert all(torch.equal(a, b) for a, b in zip(before, critic.backbone.parameters()))
+
+
+def test_staleness_counts_samples_from_older_weights():
+    from hybridrl.step import staleness_metrics
+    from hybridrl.types import Sample
+    samples = [Sample(prompt_ids=[1], weight_version=v) for v in (5, 5, 4, 2)]
+    assert staleness_metrics(samples, 5) == {"rollout/stale_fraction": 0.5, "rollout/staleness_max": 3.0}
+    assert staleness_metrics(samples[:2], 5) == {"rollout/stale_fraction": 0.0, "rollout/staleness_max": 0.0}
+
+
+def test_non_finite_weights_never_reach_the_engine(task, tiny_qwen2_dir, tmp_path):
+    from hybridrl.step import RLContext, sync_weights
+    from hybridrl.trainer.actor import Policy
+    cfg = load_config(overrides(task, tiny_qwen2_dir, tmp_path))
+
+    class Recorder:
+        pushed = []
+
+        async def update_weights(self, buckets, version):
+            self.pushed.append(version)
+
+    actor = Policy(tiny_qwen2_dir, cfg.model, cfg.actor, torch.device("cpu"), 12)
+    ctx = RLContext(cfg, Recorder(), actor, None, None)
+    asyncio.run(sync_weights(ctx))
+    assert Recorder.pushed == [1] and ctx.version == 1
+    with torch.no_grad():
+        next(actor.model.parameters())[0, 0] = float("inf")
+    with pytest.raises(HybridRLError, match="no longer finite"):
+        asyncio.run(sync_weights(ctx))
+    assert Recorder.pushed == [1] and ctx.version == 1

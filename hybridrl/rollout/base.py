@@ -40,6 +40,13 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
 
+    @classmethod
+    def from_rollout(cls, r, **overrides) -> "SamplingParams":
+        """The one builder from a config's rollout section (training, validation, generate), then overrides."""
+        base = dict(max_new_tokens=r.response_length, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                    min_p=r.min_p, n=r.n, stop=list(r.stop), seed=r.seed, ignore_eos=r.ignore_eos)
+        return cls(**{**base, **overrides})
+
     def validate(self) -> None:
         from hybridrl import HybridRLError
         if self.max_new_tokens <= 0:
