@@ -107,6 +107,17 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: in
     raise ValueError(f"unknown loss_agg_mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
 
 
+def agg_divisor(mask: torch.Tensor, mode: str) -> float:
+    """What agg_loss divides by: tokens (token-mean), non-empty rows (seq-mean-*), rows (-sum-norm).
+
+    Micro-batches and data-parallel ranks weigh their losses by their share of it (see micro_weight)."""
+    if mode == "token-mean":
+        return float(mask.sum())
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return float((mask != 0).any(-1).sum())
+    return float(mask.shape[0])
+
+
 def micro_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, mode: str) -> float:
     """Share of a mini-batch's aggregated loss that one micro-batch carries (for gradient accumulation).
 
@@ -114,11 +125,7 @@ def micro_weight(micro_mask: torch.Tensor, mini_mask: torch.Tensor, mode: str) -
     each mode weighs by its divisor: token-mean by tokens, seq-mean-token-sum and seq-mean-token-mean
     by non-empty rows, seq-mean-token-sum-norm by rows. A micro-batch of empty rows weighs 0.
     """
-    if mode == "token-mean":
-        return float(micro_mask.sum() / mini_mask.sum().clamp(min=1))
-    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        return float((micro_mask != 0).any(-1).sum() / (mini_mask != 0).any(-1).sum().clamp(min=1))
-    return micro_mask.shape[0] / mini_mask.shape[0]
+    return agg_divisor(micro_mask, mode) / max(agg_divisor(mini_mask, mode), 1.0)
 
 
 # ---------------------------------------------------------------- rewards per token

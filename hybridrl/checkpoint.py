@@ -1,11 +1,14 @@
 """Checkpoints: one run per folder (a lock), save atomically (temp folder, then rename), find the latest
 intact one, resume, export to HF.
 
-Layout:  <run_dir>/.lock   <run_dir>/checkpoints/step_000004/{trainer.pt, state.json}
-`trainer.pt` holds actor (model, optimizer, scheduler), critic, KL controller, RNG states: only tensors,
-numbers, strings and containers, so it loads with `torch.load(weights_only=True)`, which runs no code
-from the file. `state.json` holds the step, the data-loader position and trainer.pt's size, readable
-without torch.
+Layout:  <run_dir>/.lock   <run_dir>/checkpoints/step_000004/{sharded/, trainer.pt, state.json}
+`sharded/` is a torch.distributed.checkpoint (DCP) folder: every rank writes its shards of the actor's and
+critic's weights and optimizer state, and it loads at any rank count (DCP reshards). `trainer.pt` holds
+the plain rest (schedulers, KL controller, RNG states): only tensors, numbers, strings and containers,
+so it loads with `torch.load(weights_only=True)`, which runs no code from the file. `state.json` holds
+the step, the data-loader position and trainer.pt's size, readable without torch. `hybridrl merge`
+turns `sharded/` into one Hugging Face folder. Every rank calls save / load_sharded; rank 0 alone
+writes the rest and renames the folder into place, so a checkpoint is whole or absent.
 """
 from __future__ import annotations
 
@@ -98,37 +101,105 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save(run_dir: str | Path, step: int, trainer_state: dict, state: dict, keep: int = 2) -> Path:
-    """Write step_NNNNNN atomically (temp folder, fsync, rename), then prune to the newest `keep`."""
+def save(run_dir: str | Path, step: int, trainer_state: dict, state: dict, keep: int = 2,
+         sharded: dict | None = None, dp=None, write_files=None) -> Path:
+    """Write step_NNNNNN atomically (temp folder, fsync, rename), then prune to the newest `keep`.
+
+    sharded: this rank's DCP state (tensors may be DTensor shards), written by every rank into sharded/.
+    write_files(folder): rank 0 adds files (the model's config and tokenizer, for `hybridrl merge`).
+    Collective when dp.world > 1: every rank calls it with its own shards; rank 0 writes the rest."""
+    from hybridrl.parallel import DP
+    dp = dp or DP()
     root = ckpt_root(run_dir)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp_{PREFIX}{step:06d}"
     previous = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        with open(tmp / "trainer.pt", "wb") as f:   # a file object: a full disk raises OSError, not RuntimeError
-            torch.save({**trainer_state, "rng": rng_state()}, f)
-            _flush(f)
-        size = (tmp / "trainer.pt").stat().st_size
-        with open(tmp / "state.json", "w") as f:
-            f.write(json.dumps({**state, "step": step, "trainer_pt_bytes": size}, indent=1))
-            _flush(f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except OSError as e:
+    if dp.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+    error = None
+    try:
+        if dp.is_main:
+            tmp.mkdir(parents=True)
+        dp.barrier()
+        if sharded is not None:
+            _dcp_save(sharded, tmp / "sharded")
+        if dp.is_main:
+            if write_files is not None:
+                write_files(tmp)
+            _write_rest(tmp, final, root, step, trainer_state, state)
+    except OSError as e:
+        error = e
+    if dp.sum(error is not None) > 0:
+        if dp.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise HybridRLError(f"disk full while writing checkpoint {final}; {kept}; fix: free space on that disk "
                                 "or lower trainer.max_actor_ckpt_to_keep") from None
-        raise HybridRLError(f"cannot write checkpoint {final} ({e.strerror}); {kept}") from None
-    older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
-    for old in older[:len(older) - (keep - 1)] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        why = f" ({error.strerror})" if error is not None else " (another rank failed to write its shards)"
+        raise HybridRLError(f"cannot write checkpoint {final}{why}; {kept}") from None
+    if dp.is_main:
+        older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
+        for old in older[:len(older) - (keep - 1)] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dp.barrier()
     return final
+
+
+def _dcp_save(sharded: dict, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    try:
+        dcp.save(sharded, checkpoint_id=str(path))
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - DCP wraps a rank's OSError in its own exception type
+        if "No space left" in str(e) or "Errno" in str(e):
+            raise OSError(errno.ENOSPC if "No space left" in str(e) else errno.EIO, str(e)[:300]) from None
+        raise
+
+
+def load_sharded(path: str | Path, template: dict) -> dict:
+    """Fill `template` (this rank's sharded state, any rank count) from a checkpoint's sharded/ (collective)."""
+    import torch.distributed.checkpoint as dcp
+    dcp.load(template, checkpoint_id=str(Path(path) / "sharded"))
+    return template
+
+
+def merge(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """`hybridrl merge`: the actor of a sharded checkpoint (any rank count) as one Hugging Face folder."""
+    from hybridrl.trainer.fsdp import merge_to_hf
+    path = Path(checkpoint)
+    problem = damage(path) if (path / "state.json").exists() else "no state.json: not a checkpoint folder"
+    if problem:
+        raise HybridRLError(f"cannot merge {path}: {problem}; fix: point --checkpoint at a folder like "
+                            "runs/<project>/<experiment>/checkpoints/step_000004")
+    if not (path / "hf" / "config.json").is_file():
+        raise HybridRLError(f"{path} has no hf/config.json (written by hybridrl before the merge command existed); "
+                            "fix: resume that run for one step so it saves a new checkpoint")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise HybridRLError(f"{out} exists and is not empty: choose another --out (nothing was overwritten)")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merge_to_hf(path / "sharded", tmp, path / "hf", prefix="actor.model.lm.")
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
+
+
+def _write_rest(tmp: Path, final: Path, root: Path, step: int, trainer_state: dict, state: dict) -> None:
+    with open(tmp / "trainer.pt", "wb") as f:   # a file object: a full disk raises OSError, not RuntimeError
+        torch.save({**trainer_state, "rng": rng_state()}, f)
+        _flush(f)
+    size = (tmp / "trainer.pt").stat().st_size
+    with open(tmp / "state.json", "w") as f:
+        f.write(json.dumps({**state, "step": step, "trainer_pt_bytes": size}, indent=1))
+        _flush(f)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
 
 
 def _flush(f) -> None:
@@ -198,6 +269,8 @@ def damage(path: Path) -> str | None:
         int(state["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"state.json unreadable: {type(e).__name__}: {str(e)[:100]}"
+    if state.get("sharded") and not (path / "sharded" / ".metadata").is_file():
+        return "sharded/.metadata missing (the shards were not all written)"
     pt = path / "trainer.pt"
     if not pt.is_file():
         return "trainer.pt missing"
@@ -235,14 +308,19 @@ def load(path: str | Path) -> tuple[dict, dict]:
     return trainer_state, state
 
 
-def export_hf(model, tokenizer, out_dir: str | Path) -> Path:
+def export_hf(tensors: dict, config, tokenizer, out_dir: str | Path) -> Path:
     """The actor as a plain Hugging Face folder (safetensors + config + tokenizer), written atomically:
-    the old export is renamed aside, the new one renamed in, then the old one removed."""
+    the old export is renamed aside, the new one renamed in, then the old one removed.
+    tensors: full HF-named weights (a tied lm_head left out, as save_pretrained does)."""
+    from safetensors.torch import save_file
     out = Path(out_dir)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        tmp.mkdir(parents=True)
+        config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     except OSError as e:

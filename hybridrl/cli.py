@@ -1,6 +1,7 @@
 """The `hybridrl` command: train, generate, serve, prepare data and models, show the config.
 
     hybridrl train [--config FILE] [key=value ...]       # our keys or verl's: rollout.n=8, actor_rollout_ref.rollout.n=8
+    hybridrl merge --checkpoint RUN/checkpoints/step_N --out DIR   # a sharded checkpoint as one HF folder
     hybridrl generate [--config FILE] [key=value ...]
     hybridrl serve [--config FILE] [--host H] [--port P] [key=value ...]
     hybridrl prepare-data gsm8k --out DIR
@@ -74,6 +75,11 @@ def cmd_prepare_model(args) -> None:
     print(f"wrote {models.prepare_smollm2(args.out)}")
 
 
+def cmd_merge(args) -> None:
+    from hybridrl import checkpoint
+    print(f"wrote {checkpoint.merge(args.checkpoint, args.out)}")
+
+
 def _get(cfg, key: str):
     for part in key.split("."):
         cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
@@ -126,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm = msub.add_parser("smollm2", help="SmolLM2-135M-Instruct from the offline GGUF")
     sm.add_argument("--out", required=True, metavar="DIR")
     model.set_defaults(fn=cmd_prepare_model)
+
+    merge = sub.add_parser("merge", help="write one Hugging Face folder from a sharded checkpoint (verl's model_merger)")
+    merge.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint folder: .../checkpoints/step_N")
+    merge.add_argument("--out", required=True, metavar="DIR", help="the new Hugging Face folder (must not hold files)")
+    merge.set_defaults(fn=cmd_merge)
 
     config = sub.add_parser("config", help="inspect the configuration")
     csub = config.add_subparsers(dest="action", required=True, metavar="ACTION")

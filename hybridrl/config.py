@@ -37,9 +37,7 @@ LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 VERL_ONLY_LOGGERS = ("mlflow", "swanlab", "vemlp_wandb", "clearml", "file")
 # Fields no code acts on yet: a value other than the default warns "accepted but not implemented yet".
 # Whoever implements one removes it here.
-NOT_IMPLEMENTED = ("model.use_remove_padding", "actor.param_offload", "actor.optimizer_offload", "ref.param_offload",
-                   "trainer.n_gpus_per_node", "trainer.nnodes",
-                   "trainer.default_hdfs_dir")
+NOT_IMPLEMENTED = ("model.use_remove_padding", "trainer.default_hdfs_dir")
 
 
 class ConfigWarning(UserWarning):
@@ -237,8 +235,9 @@ class ActorConfig:
     kl_loss_coef: float = f(0.001, "KL loss coefficient")
     kl_loss_type: str = f("low_var_kl", "k1/kl | k2/mse | k3/low_var_kl | abs")
     tis_threshold: float = f(0.0, "truncated importance sampling cap against rollout log-probs (0 = off; when on, old log-probs are recomputed even with rollout.use_rollout_log_probs)")
-    param_offload: bool = f(False, "offload parameters to CPU between phases")
-    optimizer_offload: bool = f(False, "offload optimizer state to CPU between phases")
+    param_offload: bool = f(False, "GPU only: move the actor's parameter shards to CPU after each update, back before "
+                               "the next forward (the engine gets the memory during rollout)")
+    optimizer_offload: bool = f(False, "GPU only: move the AdamW state to CPU after each update, back before the next")
     max_nan_steps: int = f(3, "stop after this many updates in a row with a non-finite loss")
     _section: ClassVar[str] = "actor"
 
@@ -262,7 +261,8 @@ class ActorConfig:
 @dataclass
 class RefConfig:
     log_prob_micro_batch_size_per_gpu: int = f(8, "sequences per micro-batch for reference log-probs")
-    param_offload: bool = f(False, "keep the reference on CPU between uses")
+    param_offload: bool = f(False, "GPU only: keep the reference's shards on CPU, gathered layer by layer to the GPU "
+                               "when it runs (FSDP2 CPUOffloadPolicy)")
     _section: ClassVar[str] = "ref"
 
     def __post_init__(self):
@@ -280,6 +280,8 @@ class CriticConfig:
     ppo_epochs: int = f(1, "critic passes over each batch")
     cliprange_value: float = f(0.5, "value clipping range")
     grad_clip: float = f(1.0, "critic max gradient norm")
+    param_offload: bool = f(False, "GPU only: critic parameter shards to CPU between its phases")
+    optimizer_offload: bool = f(False, "GPU only: critic AdamW state to CPU between its phases")
     _section: ClassVar[str] = "critic"
 
     def __post_init__(self):
@@ -328,8 +330,8 @@ class RewardConfig:
 class TrainerConfig:
     total_epochs: int = f(1, "epochs over the training prompts")
     total_training_steps: int = f(-1, "stop after this many steps (-1 = epochs decide)")
-    n_gpus_per_node: int = f(1, "GPUs per node")
-    nnodes: int = f(1, "nodes (> 1 needs Ray)")
+    n_gpus_per_node: int = f(1, "ranks per node, one GPU each (with trainer.device=cpu: processes); > 1 starts them with torch's launcher")
+    nnodes: int = f(1, "nodes; > 1 places the ranks with Ray (pip install hybridrl[ray]; docs/multi_node.md)")
     device: str = f("auto", "auto | cpu | cuda")
     save_freq: int = f(-1, "checkpoint every N steps (-1 = only at the end)")
     test_freq: int = f(4, "validate every N steps (-1 = only before and after training)")
@@ -391,6 +393,13 @@ class Config:
                 f"data.train_batch_size={self.data.train_batch_size} must be a multiple of "
                 f"actor.ppo_mini_batch_size={self.actor.ppo_mini_batch_size} (both count prompts; each prompt "
                 f"brings rollout.n={self.rollout.n} samples): change one of them")
+        world = self.trainer.n_gpus_per_node * self.trainer.nnodes
+        for key, value in (("data.train_batch_size", self.data.train_batch_size),
+                           ("actor.ppo_mini_batch_size", self.actor.ppo_mini_batch_size)):
+            if value % world:
+                raise HybridRLError(f"{key}={value} must be a multiple of the number of ranks, trainer.nnodes x "
+                                    f"trainer.n_gpus_per_node = {world} (each rank trains on whole prompts, as "
+                                    "many as every other rank): change one of them")
         if self.algorithm.adv_estimator in ("grpo", "rloo") and self.rollout.n < 2:
             warn(f"algorithm.adv_estimator={self.algorithm.adv_estimator} with rollout.n=1: every advantage "
                  "is 0 (a group of one); set rollout.n >= 2")

@@ -1,7 +1,10 @@
 """One RL step, top to bottom: rollout → reward → reference/old log-probs → advantages → update → sync.
 
 `rl_step` works with any rollout backend (native, sglang) and any trainer that offers
-`log_probs`, `update`, `named_weights` (see hybridrl/trainer/actor.py). The engine sleeps
+`log_probs`, `update`, `named_weights` (see hybridrl/trainer/actor.py), at any number of ranks:
+each rank generates for its block of the prompts on its own engine, the samples are then regrouped
+(whole prompt groups, balanced by tokens, `parallel.DP`), and the trainer's collectives do the rest.
+With one rank every `ctx.dp` call is the identity. The engine sleeps
 while the trainer works when `rollout.free_cache_engine` is on (colocated flow); the weight
 push (`engine.update_weights`) wakes it in stages, so nothing here knows which backend runs.
 """
@@ -16,6 +19,7 @@ import torch
 
 from hybridrl import HybridRLError, algorithms as A
 from hybridrl.config import Config
+from hybridrl.parallel import DP
 from hybridrl.rollout.agent import rollout
 from hybridrl.rewards import score_samples
 from hybridrl.rollout.base import SamplingParams
@@ -35,6 +39,7 @@ class RLContext:
     ref: Any = None             # frozen Policy, when a KL term is used
     critic: Any = None          # Critic, for gae
     kl_ctrl: Any = None
+    dp: DP = field(default_factory=DP)   # this rank and the world (data parallel)
     version: int = 0            # weight version the engine serves
     timing: dict = field(default_factory=dict)
 
@@ -50,18 +55,25 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     T = cfg.rollout.temperature
     t0 = time.perf_counter()
 
-    # 1. rollout: n samples per prompt, all requests in flight; then the engine sleeps
+    # 1. rollout: this rank's block of prompts, n samples each, all requests in flight; then the engine sleeps
+    prompts, first = ctx.dp.shard(prompts)
     with ctx.timer("gen"):
-        samples = await rollout(ctx.engine, prompts, SamplingParams.from_rollout(cfg.rollout), ctx.tokenizer, step=step)
-        baseline = await remax_baseline(ctx, prompts, samples, step) if cfg.algorithm.adv_estimator == "remax" else None
+        samples = await rollout(ctx.engine, prompts, SamplingParams.from_rollout(cfg.rollout), ctx.tokenizer,
+                                step=step, first=first, progress=ctx.dp.is_main)
+        if cfg.algorithm.adv_estimator == "remax":
+            await remax_baseline(ctx, prompts, samples, step, first)
     if cfg.rollout.free_cache_engine:
         with ctx.timer("sleep"):
             await ctx.engine.sleep(["kv_cache", "weights"])
 
-    # 2. rewards, one score per sample
+    # 2. rewards, one score per sample; then every rank takes whole prompt groups, balanced by tokens
     with ctx.timer("reward"):
         score_samples(samples, ctx.reward_fn, cfg.reward.timeout_s)
+        everyone = ctx.dp.gather(samples)
+        samples = ctx.dp.balance(everyone)
     batch = collate(samples, pad_id=ctx.tokenizer.pad_token_id or 0)
+    baseline = (torch.tensor([s.baseline for s in samples], dtype=torch.float32)
+                if cfg.algorithm.adv_estimator == "remax" else None)
     mask = batch.response_mask
 
     # 3. reference log-probs (for a KL term)
@@ -103,23 +115,28 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     with ctx.timer("sync"):
         await sync_weights(ctx)
 
-    # 8. metrics
+    # 8. metrics: this rank's, averaged over ranks; rewards, lengths and staleness over all samples
     metrics.update(step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg))
-    metrics.update(staleness_metrics(samples, ctx.version - 1))   # rollout ran on the version before this sync
     metrics.update({f"timing/{k}": v for k, v in ctx.timing.items()})
     metrics["timing/step"] = time.perf_counter() - t0
-    n_tokens = int(batch.attention_mask.sum())
+    metrics = ctx.dp.mean_metrics(metrics)
+    metrics.update(sample_metrics(everyone))
+    metrics.update(staleness_metrics(everyone, ctx.version - 1))   # rollout ran on the version before this sync
+    n_tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in everyone)
     metrics["perf/tokens_per_s"] = n_tokens / metrics["timing/step"]
     metrics["perf/weight_version"] = ctx.version
     return metrics
 
 
-async def remax_baseline(ctx: RLContext, prompts: list[Sample], samples: list[Sample], step: int) -> torch.Tensor:
-    """ReMax: each prompt's greedy answer, scored, is the baseline of its samples. # [B]"""
+async def remax_baseline(ctx: RLContext, prompts: list[Sample], samples: list[Sample], step: int,
+                         first: int = 0) -> None:
+    """ReMax: each prompt's greedy answer, scored, is the baseline of its samples (Sample.baseline)."""
     greedy = await rollout(ctx.engine, prompts, SamplingParams.from_rollout(ctx.cfg.rollout, temperature=0.0, n=1),
-                           ctx.tokenizer, step=step, desc="remax baseline")
+                           ctx.tokenizer, step=step, desc="remax baseline", first=first, progress=False)
     score_samples(greedy, ctx.reward_fn, ctx.cfg.reward.timeout_s)
-    return torch.tensor([greedy[s.group].reward for s in samples], dtype=torch.float32)
+    by_group = {g.group: g.reward for g in greedy}
+    for s in samples:
+        s.baseline = by_group[s.group]
 
 
 async def sync_weights(ctx: RLContext) -> None:
@@ -154,13 +171,16 @@ def reward_metrics(samples: list[Sample], prefix: str = "") -> dict:
     return m
 
 
+def sample_metrics(samples: list[Sample]) -> dict:
+    """Rewards and response lengths over every rank's samples."""
+    lengths = [len(s.response_ids) for s in samples]
+    return {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": float(max(lengths)),
+            "response_length/clip_ratio": sum(s.truncated for s in samples) / len(samples),
+            **reward_metrics(samples)}
+
+
 def step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg) -> dict:
     mask, m = batch.response_mask, {}
-    lengths = mask.sum(1)
-    m["response_length/mean"] = float(lengths.mean())
-    m["response_length/max"] = float(lengths.max())
-    m["response_length/clip_ratio"] = sum(s.truncated for s in samples) / len(samples)
-    m.update(reward_metrics(samples))
     m["adv/mean"] = float(A.masked_mean(adv, mask)) if mask.any() else 0.0
     if ref_logp is not None:
         m["actor/ref_kl"] = float(A.masked_mean(A.kl_penalty(old_logp, ref_logp, "low_var_kl"), mask))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -59,12 +60,25 @@ class PromptLoader:
 
 
 def train(cfg: Config) -> dict:
-    """Run training; returns the paths of the run folder, metrics, plot, last checkpoint and export."""
+    """Run training; returns the paths of the run folder, metrics, plot, last checkpoint and export.
+
+    More than one rank (trainer.n_gpus_per_node x trainer.nnodes) and not yet inside a launched rank: start
+    them (hybridrl/launch.py: torch's elastic launcher on one node, Ray on several) and return rank 0's result."""
+    from hybridrl import launch
+    if launch.under_launcher():
+        launch.check_world(cfg)
+    elif launch.world_size(cfg) > 1:
+        if cfg.trainer.nnodes > 1:
+            from hybridrl.ray_launch import launch_on_ray
+            return launch_on_ray(cfg)
+        return launch.launch_local(cfg)
     return asyncio.run(train_async(cfg))
 
 
 async def train_async(cfg: Config) -> dict:
     run_dir = Path(cfg.trainer.default_local_dir)
+    if int(os.environ.get("RANK", "0")) != 0:   # a torchrun / Ray rank other than 0: rank 0 holds the lock
+        return await run(cfg, run_dir)
     ckpt.check_writable(run_dir)
     with ckpt.run_lock(run_dir):           # one run per folder: a second one is refused, naming this PID
         return await run(cfg, run_dir)
@@ -72,19 +86,26 @@ async def train_async(cfg: Config) -> dict:
 
 async def run(cfg: Config, run_dir: Path) -> dict:
     from hybridrl.devices import resolve_device
+    from hybridrl.parallel import DP
     from hybridrl.trainer.actor import Critic, Policy
+    from hybridrl.trainer.fsdp import init_process_group_if_needed
     seed_everything(cfg.trainer.seed)
     model_path, tokenizer, train_prompts, val_prompts = load_inputs(cfg)
     device, norm_len = resolve_device(cfg.trainer.device), cfg.rollout.response_length
+    init_process_group_if_needed(device)        # torchrun's / Ray's world, or a world of 1
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dp = DP.current()
     actor = Policy(model_path, cfg.model, cfg.actor, device, norm_len)
     needs_ref = cfg.actor.use_kl_loss or cfg.algorithm.use_kl_in_reward
-    ref = Policy(model_path, cfg.model, cfg.actor, device, norm_len, trainable=False) if needs_ref else None
+    ref = (Policy(model_path, cfg.model, cfg.actor, device, norm_len, trainable=False, offload=cfg.ref.param_offload)
+           if needs_ref else None)
     critic = (Critic(cfg.critic.model_path or model_path, cfg.model, cfg.critic, device, norm_len,
                      cfg.actor.loss_agg_mode, cfg.actor.ppo_mini_batch_size, cfg.actor.max_nan_steps)
               if cfg.algorithm.adv_estimator == "gae" else None)
     from hybridrl.rewards import load_reward_fn
     ctx = RLContext(cfg, None, actor, tokenizer, load_reward_fn(cfg.reward), ref=ref, critic=critic,
-                    kl_ctrl=make_kl_ctrl(cfg))
+                    kl_ctrl=make_kl_ctrl(cfg), dp=dp)
     loader = PromptLoader(train_prompts, cfg.data.train_batch_size, cfg.data.shuffle, cfg.data.seed)
     total = total_steps(cfg, loader)
     start = resume(cfg, run_dir, ctx, loader)
@@ -92,21 +113,25 @@ async def run(cfg: Config, run_dir: Path) -> dict:
         raise HybridRLError(f"{run_dir} holds checkpoints of an earlier run but resume is off "
                             f"(trainer.resume_mode={cfg.trainer.resume_mode}): use a new trainer.experiment_name "
                             "or trainer.default_local_dir, or trainer.resume_mode=auto to continue it")
-    ctx.engine = engine_class(cfg.rollout.name).from_config(cfg, model_path=model_path)
+    ctx.engine = engine_class(cfg.rollout.name).from_config(cfg, model_path=model_path)   # one per rank
     tracker, last_ckpt = None, None
     try:
-        tracker = Tracker(cfg.trainer.logger, run_dir, asdict(cfg), cfg.trainer.project_name,
-                          cfg.trainer.experiment_name, resume_step=start)
+        if dp.is_main:                                # rank 0 writes the logs
+            tracker = Tracker(cfg.trainer.logger, run_dir, asdict(cfg), cfg.trainer.project_name,
+                              cfg.trainer.experiment_name, resume_step=start)
+        log = tracker.log if tracker is not None else (lambda metrics, step: None)
         await sync_weights(ctx)                       # the engine may start from dummy weights
         if cfg.trainer.val_before_train and start == 0 and val_prompts:
-            tracker.log(await validate(ctx, val_prompts), 0)
-        for step in tqdm(range(start + 1, total + 1), desc="train", unit="step", initial=start, total=total):
+            log(await validate(ctx, val_prompts), 0)
+        for step in tqdm(range(start + 1, total + 1), desc="train", unit="step", initial=start, total=total,
+                         disable=not dp.is_main):
             metrics = await rl_step(ctx, loader.next(), step)
-            warn_step(metrics, step, cfg.algorithm.adv_estimator)
+            if dp.is_main:
+                warn_step(metrics, step, cfg.algorithm.adv_estimator)
             last = step == total
             if val_prompts and ((cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0) or last):
                 metrics.update(await validate(ctx, val_prompts))
-            tracker.log(metrics, step)
+            log(metrics, step)
             if (cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0) or last:
                 last_ckpt = save_checkpoint(cfg, run_dir, step, ctx, loader)
     finally:
@@ -169,9 +194,12 @@ async def validate(ctx: RLContext, prompts: list[Sample]) -> dict:
                                      top_k=v.top_k, top_p=v.top_p, min_p=0.0, n=v.n if v.do_sample else 1,
                                      ignore_eos=False)
     samples, size = [], ctx.cfg.data.val_batch_size
-    for i in range(0, len(prompts), size):      # at most val_batch_size prompts in flight
-        samples += await rollout(ctx.engine, prompts[i:i + size], sp, ctx.tokenizer, step=-1 - i, desc="validate")
+    mine, first = ctx.dp.shard(prompts)         # each rank validates its block on its own engine
+    for i in range(0, len(mine), size):         # at most val_batch_size prompts in flight
+        samples += await rollout(ctx.engine, mine[i:i + size], sp, ctx.tokenizer, step=-1 - first - i,
+                                 desc="validate", progress=ctx.dp.is_main)
     score_samples(samples, ctx.reward_fn, ctx.cfg.reward.timeout_s)
+    samples = ctx.dp.gather(samples)
     m = reward_metrics(samples, prefix="val/")
     m["val/response_length/mean"] = sum(len(s.response_ids) for s in samples) / len(samples)
     return m
@@ -191,9 +219,12 @@ def resume(cfg: Config, run_dir: Path, ctx: RLContext, loader: PromptLoader) -> 
     if path is None:
         return 0
     trainer_state, state = ckpt.load(path)
+    sharded = ckpt.load_sharded(path, sharded_state(ctx))
     ctx.actor.load_state_dict(trainer_state["actor"])
+    ctx.actor.load_sharded_state(sharded["actor"])
     if ctx.critic is not None and trainer_state.get("critic"):
         ctx.critic.load_state_dict(trainer_state["critic"])
+        ctx.critic.load_sharded_state(sharded["critic"])
     if trainer_state.get("kl_coef") is not None:
         ctx.kl_ctrl.value = trainer_state["kl_coef"]
     loader.load(state["loader"])
@@ -202,17 +233,35 @@ def resume(cfg: Config, run_dir: Path, ctx: RLContext, loader: PromptLoader) -> 
     return state["step"]
 
 
+def sharded_state(ctx: RLContext) -> dict:
+    """This rank's shards of everything trained: {"actor": {model, optim}, "critic": ...} (DCP layout)."""
+    out = {"actor": ctx.actor.sharded_state()}
+    if ctx.critic is not None:
+        out["critic"] = ctx.critic.sharded_state()
+    return out
+
+
 def save_checkpoint(cfg: Config, run_dir: Path, step: int, ctx: RLContext, loader: PromptLoader) -> Path:
     trainer_state = {"actor": ctx.actor.state_dict(), "kl_coef": ctx.kl_ctrl.value,
                      "critic": ctx.critic.state_dict() if ctx.critic is not None else None}
-    return ckpt.save(run_dir, step, trainer_state, {"loader": loader.state(), "weight_version": ctx.version},
-                     keep=cfg.trainer.max_actor_ckpt_to_keep)
+    state = {"loader": loader.state(), "weight_version": ctx.version, "sharded": True, "world_size": ctx.dp.world}
+    def hf_files(folder: Path) -> None:     # what `hybridrl merge` needs beside the shards
+        ctx.actor.model.config.save_pretrained(folder / "hf")
+        ctx.tokenizer.save_pretrained(folder / "hf")
+
+    return ckpt.save(run_dir, step, trainer_state, state, keep=cfg.trainer.max_actor_ckpt_to_keep,
+                     sharded=sharded_state(ctx), dp=ctx.dp, write_files=hf_files)
 
 
 def finish(run_dir: Path, ctx: RLContext, last_ckpt: Path | None) -> dict:
-    """Export the actor and draw the plot; a failure here is reported, never fatal (the checkpoint is saved)."""
+    """Export the actor and draw the plot; a failure here is reported, never fatal (the checkpoint is saved).
+    The export gathers the weights on every rank (collective); rank 0 writes them and the plot."""
     out = {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "checkpoint": str(last_ckpt)}
-    for key, make in (("export", lambda: ckpt.export_hf(ctx.actor.model, ctx.tokenizer, run_dir / "actor_hf")),
+    weights = {name: t.cpu() for name, t in ctx.actor.named_weights()}   # every rank takes part in the gathers
+    if not ctx.dp.is_main:
+        return out
+    for key, make in (("export", lambda: ckpt.export_hf(weights, ctx.actor.model.config, ctx.tokenizer,
+                                                        run_dir / "actor_hf")),
                       ("plot", lambda: plot_run(run_dir / "metrics.jsonl", run_dir / "reward_curve.png"))):
         try:
             out[key] = str(make())

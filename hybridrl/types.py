@@ -28,6 +28,7 @@ class Sample:
     weight_version: int = -1
     reward: float = 0.0
     reward_extra: dict = field(default_factory=dict)
+    baseline: float = 0.0               # ReMax: the score of this prompt's greedy answer
 
     def append(self, tokens: list[int], logprobs: list[float] | None = None, trainable: bool = True) -> None:
         """Append response tokens; tool or user turns pass trainable=False and get no log-probs."""

@@ -180,28 +180,30 @@ def test_crash_mid_save_leaves_no_checkpoint_folder(tmp_path, monkeypatch):
     assert ckpt.list_checkpoints(tmp_path) == [] and ckpt.find_resume_path(tmp_path, "auto", "") is None
 
 
-class FakeModel:
-    def __init__(self, fail=False):
-        self.fail = fail
-
-    def save_pretrained(self, path, safe_serialization=True):
-        os.makedirs(path, exist_ok=True)
-        open(os.path.join(path, "model.safetensors"), "wb").write(b"new" if not self.fail else b"ne")
-        if self.fail:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def test_export_is_atomic_and_disk_full_keeps_the_old_export(tmp_path):
-    out = ckpt.export_hf(FakeModel(), None, tmp_path / "actor_hf")
-    assert (out / "model.safetensors").read_bytes() == b"new"
+def test_export_is_atomic_and_disk_full_keeps_the_old_export(tmp_path, monkeypatch):
+    import safetensors.torch
+    from transformers import PretrainedConfig
+    config = PretrainedConfig()
+    tensors = {"w": torch.ones(2)}
+    out = ckpt.export_hf(tensors, config, None, tmp_path / "actor_hf")
+    assert safetensors.torch.load_file(out / "model.safetensors")["w"].tolist() == [1.0, 1.0]
+    assert (out / "config.json").is_file()
     (out / "model.safetensors").write_bytes(b"old")
+
+    def full_disk(tensors, path, metadata=None):
+        open(path, "wb").write(b"ne")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(HybridRLError, match=rf"disk full while writing the export {out}; the checkpoints are intact "
                                             rf"and so is the previous export"):
-        ckpt.export_hf(FakeModel(fail=True), None, out)
+        ckpt.export_hf(tensors, config, None, out)
     assert (out / "model.safetensors").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["actor_hf"]
-    ckpt.export_hf(FakeModel(), None, out)   # a second export replaces the first
-    assert (out / "model.safetensors").read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["actor_hf"]
+    monkeypatch.undo()
+    ckpt.export_hf({"w": torch.zeros(2)}, config, None, out)   # a second export replaces the first
+    assert safetensors.torch.load_file(out / "model.safetensors")["w"].tolist() == [0.0, 0.0]
+    assert sorted(os.listdir(tmp_path)) == ["actor_hf"]
 
 
 # ---------------------------------------------------------------- metrics.jsonl

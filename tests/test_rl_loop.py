@@ -61,7 +61,7 @@ def test_three_steps_change_every_parameter_and_sync(task, tiny_qwen2_dir, tmp_p
 
     async def run():
         ctx, prompts = build_ctx(cfg)
-        before = {k: v.clone() for k, v in ctx.actor.model.named_parameters()}
+        before = {k: v.clone() for k, v in ctx.actor.named_weights()}
         await sync_weights(ctx)
         metrics = [await rl_step(ctx, prompts[4 * i:4 * i + 4], step=i + 1) for i in range(3)]
         # the engine now serves the trained weights: its log-probs equal the trainer's
@@ -73,7 +73,7 @@ def test_three_steps_change_every_parameter_and_sync(task, tiny_qwen2_dir, tmp_p
         return ctx, before, metrics, samples, batch, train_logp
 
     ctx, before, metrics, samples, batch, train_logp = asyncio.run(run())
-    unchanged = [k for k, p in ctx.actor.model.named_parameters() if torch.equal(before[k], p)]
+    unchanged = [k for k, p in ctx.actor.named_weights() if torch.equal(before[k], p)]
     assert unchanged == []
     for m in metrics:
         bad = {k: v for k, v in m.items() if not torch.isfinite(torch.tensor(float(v)))}
@@ -135,9 +135,9 @@ def test_nan_loss_skips_then_stops(task, tiny_qwen2_dir, tmp_path):
     s.append([4, 5], [-1.0, -1.0])
     batch = collate([s, s], pad_id=0)
     old = torch.zeros(2, 2)
-    before = [p.clone() for p in policy.model.parameters()]
+    before = [p.clone() for _, p in policy.named_weights()]
     policy.update(batch, old, torch.full((2, 2), float("nan")), None, 1.0)   # skipped, logged
-    assert all(torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
+    assert all(torch.equal(a, b) for a, (_, b) in zip(before, policy.named_weights()))
     with pytest.raises(HybridRLError, match="non-finite"):
         policy.update(batch, old, torch.full((2, 2), float("nan")), None, 1.0)
 
@@ -162,14 +162,14 @@ def test_all_equal_rewards_give_zero_advantage_and_no_update(task, tiny_qwen2_di
         ctx, prompts = build_ctx(cfg)
         ctx.ref = None
         await sync_weights(ctx)
-        before = {k: v.clone() for k, v in ctx.actor.model.named_parameters()}
+        before = {k: v.clone() for k, v in ctx.actor.named_weights()}
         m = await rl_step(ctx, prompts[:4], step=1)
         await ctx.engine.close()
         return ctx, before, m
 
     ctx, before, m = asyncio.run(run())
     assert m["reward/std"] == 0.0 and m["adv/mean"] == 0.0
-    assert all(torch.equal(before[k], p) for k, p in ctx.actor.model.named_parameters())
+    assert all(torch.equal(before[k], p) for k, p in ctx.actor.named_weights())
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax"])
@@ -285,12 +285,12 @@ def test_critic_shares_the_ppo_loop_token_budget_and_nan_guard(task, tiny_qwen2_
     assert norms["rows"] == pytest.approx(norms["one"], rel=1e-4)
     assert norms["tokens"] == pytest.approx(norms["one"], rel=1e-4)
     nan = torch.full_like(returns, float("nan"))
-    before = [p.clone() for p in critic.backbone.parameters()]
+    before = [p.to_local().clone() for p in critic.root.parameters()]
     critic.cfg.ppo_micro_batch_size_per_gpu = 4
     critic.update(batch, old, nan)                 # one mini-batch (two prompts): skipped, logged
     with pytest.raises(HybridRLError, match="critic: .*non-finite"):
         critic.update(batch, old, nan)
-    assert all(torch.equal(a, b) for a, b in zip(before, critic.backbone.parameters()))
+    assert all(torch.equal(a, b.to_local()) for a, b in zip(before, critic.root.parameters()))
 
 
 def test_staleness_counts_samples_from_older_weights():
@@ -317,7 +317,7 @@ def test_non_finite_weights_never_reach_the_engine(task, tiny_qwen2_dir, tmp_pat
     asyncio.run(sync_weights(ctx))
     assert Recorder.pushed == [1] and ctx.version == 1
     with torch.no_grad():
-        next(actor.model.parameters())[0, 0] = float("inf")
+        next(actor.root.parameters()).to_local()[0, 0] = float("inf")   # one shard entry
     with pytest.raises(HybridRLError, match="no longer finite"):
         asyncio.run(sync_weights(ctx))
     assert Recorder.pushed == [1] and ctx.version == 1

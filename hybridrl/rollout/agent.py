@@ -23,8 +23,11 @@ def request_seed(base: int, step: int, index: int) -> int:
 
 
 async def rollout(engine: RolloutEngine, prompts: list[Sample], sampling: SamplingParams, tokenizer=None,
-                  step: int = 0, desc: str = "rollout", progress: bool = True) -> list[Sample]:
-    """Generate `sampling.n` completions per prompt; returns samples grouped by prompt (group = prompt #)."""
+                  step: int = 0, desc: str = "rollout", progress: bool = True, first: int = 0) -> list[Sample]:
+    """Generate `sampling.n` completions per prompt; returns samples grouped by prompt (group = prompt #).
+
+    first: the global number of prompts[0] (a data-parallel rank's share starts there), so group ids and
+    sampling seeds do not depend on how the batch is split over ranks."""
     bar = tqdm(total=len(prompts) * sampling.n, desc=desc, unit="seq", disable=not progress, leave=False)
 
     async def one(i: int, prompt: Sample) -> list[Sample]:
@@ -33,7 +36,7 @@ async def rollout(engine: RolloutEngine, prompts: list[Sample], sampling: Sampli
         bar.update(len(outs))
         return [to_sample(prompt, i, out, tokenizer) for out in outs]
 
-    tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+    tasks = [asyncio.ensure_future(one(first + i, p)) for i, p in enumerate(prompts)]
     try:
         groups = await asyncio.gather(*tasks)
     except BaseException:

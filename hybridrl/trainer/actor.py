@@ -1,4 +1,4 @@
-"""Actor, reference and critic on Hugging Face `transformers` causal LMs, in one process.
+"""Actor, reference and critic on Hugging Face `transformers` causal LMs, sharded with FSDP2 at any world size.
 
 The trainer interface the RL step uses:
     policy.log_probs(batch, temperature)           -> (logp [B, L], entropy [B, L])
@@ -8,9 +8,19 @@ The trainer interface the RL step uses:
     .state_dict() / .load_state_dict()             (model + optimizer + scheduler, for checkpoints)
 
 Policy and Critic share one PPO loop (`ppo_update`): mini-batches of whole prompt groups, micro-batches
-closed by rows or by a token budget, gradient accumulation weighted so the sum equals the mini-batch
-loss, clipping, and a skip-then-stop guard for non-finite losses. Log-probs and entropy come from
-`algorithms.logp_entropy` (chunked over tokens), the same function the tests pin.
+closed by rows or by a token budget, gradient accumulation weighted so the sum over micro-batches and
+ranks equals the global mini-batch loss, clipping, and a skip-then-stop guard for non-finite losses.
+Log-probs and entropy come from `algorithms.logp_entropy` (chunked over tokens), the same function the
+tests pin.
+
+Every model is FSDP2-sharded (`trainer/fsdp.py`: `fully_shard` per decoder layer, then a root that holds
+embeddings, final norm and head), one process being a world of 1: there is no second trainer. The root
+is a small module whose forward is the whole per-micro-batch computation (backbone, then log-probs or
+values), so FSDP's hooks gather and free the root's parameters around it. Compute runs in
+`model.dtype` (bf16 on GPU) over fp32 master weights, gradients reduce in fp32. Offload:
+`actor.param_offload` / `optimizer_offload` move the actor's shards / optimizer state to CPU after each
+update (the engine gets the GPU) and back before the next forward; the reference with
+`ref.param_offload` lives on CPU and is gathered layer by layer (FSDP's CPUOffloadPolicy).
 """
 from __future__ import annotations
 
@@ -22,20 +32,58 @@ import torch.nn as nn
 
 from hybridrl import HybridRLError, algorithms as A
 from hybridrl.config import ActorConfig, CriticConfig, ModelConfig
-from hybridrl.devices import autocast
+from hybridrl.devices import resolve_dtype
+from hybridrl.parallel import DP
+from hybridrl.trainer import fsdp
 from hybridrl.trainer.batch import TrainBatch
 
 
-def load_causal_lm(path: str, model_cfg: ModelConfig, device: torch.device, backbone_only: bool = False) -> nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM
+def load_causal_lm(path: str, model_cfg: ModelConfig, trainable: bool = True) -> nn.Module:
+    """An HF causal LM in fp32 on CPU (the master weights), ready to be sharded."""
+    from transformers import AutoModelForCausalLM
     from hybridrl.models import check_model_dir
     check_model_dir(path, model_cfg.trust_remote_code)
-    cls = AutoModel if backbone_only else AutoModelForCausalLM
-    model = cls.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code)
-    if model_cfg.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32,
+                                                 trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.enable_gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return model.to(device)
+    return model
+
+
+class LogProbHead(nn.Module):
+    """FSDP root of the policy: backbone, then log-prob (and entropy) of each response token."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, position_ids, labels, prompt_len: int, temperature: float,
+                with_entropy: bool):
+        hidden = response_hidden(self.lm.model, input_ids, attention_mask, position_ids, prompt_len, labels.shape[1])
+        return A.logp_entropy(hidden, self.lm.lm_head, labels, temperature, with_entropy)
+
+
+class ValueHead(nn.Module):
+    """FSDP root of the critic: the causal LM's backbone, then a scalar per response position."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids, prompt_len: int, response_len: int):
+        hidden = response_hidden(self.lm.model, input_ids, attention_mask, position_ids, prompt_len, response_len)
+        return self.head(hidden.float()).squeeze(-1)  # [b, l]
+
+
+def sharded(lm: nn.Module, root: nn.Module, model_cfg: ModelConfig, device: torch.device,
+            offload: bool = False) -> nn.Module:
+    fsdp.init_process_group_if_needed(device)
+    param_dtype = resolve_dtype(model_cfg.dtype, device)
+    return fsdp.shard_model(lm, device, param_dtype=None if param_dtype == torch.float32 else param_dtype,
+                            offload=offload, root=root)
 
 
 def mini_batches(batch: TrainBatch, prompts: int) -> Iterator[tuple[torch.Tensor, TrainBatch]]:
@@ -62,11 +110,49 @@ def micro_batches(batch: TrainBatch, size: int, max_tokens: int | None = None) -
         start = stop
 
 
-def response_hidden(backbone: nn.Module, mb: TrainBatch) -> torch.Tensor:
+def response_hidden(backbone: nn.Module, input_ids, attention_mask, position_ids, P: int, L: int) -> torch.Tensor:
     """Hidden states at the positions that predict each response token. # [b, l, H]"""
-    out = backbone(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids)
-    P, L = mb.prompt_len, mb.response_mask.shape[1]
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     return out.last_hidden_state[:, P - 1:P + L - 1]
+
+
+def offload_optimizer(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move the optimizer state (AdamW moments) to `device`; FSDP2's model.to() moves the parameters."""
+    for state in opt.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                state[k] = v.to(device, non_blocking=True)
+
+
+class Offload:
+    """param_offload / optimizer_offload between phases: shards and AdamW state to CPU after an update (the
+    engine gets the GPU), back before the next forward. A no-op on CPU or with both off."""
+
+    def __init__(self, root: nn.Module, opt: torch.optim.Optimizer | None, device: torch.device, params: bool,
+                 optim: bool):
+        self.root, self.opt, self.device = root, opt, device
+        self.params, self.optim = params and device.type == "cuda", optim and device.type == "cuda" and opt is not None
+        self.on_device = True
+
+    def onload(self) -> None:
+        if self.on_device:
+            return
+        if self.params:
+            self.root.to(self.device)
+        if self.optim:
+            offload_optimizer(self.opt, self.device)
+        self.on_device = True
+
+    def offload(self) -> None:
+        if not self.on_device or not (self.params or self.optim):
+            return
+        if self.params:
+            self.root.to("cpu")
+        if self.optim:
+            offload_optimizer(self.opt, torch.device("cpu"))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        self.on_device = False
 
 
 def make_optimizer(params, lr: float, weight_decay: float, betas, warmup_steps: int):
@@ -86,7 +172,8 @@ class Optimizer:
 
     def step(self, finite_loss: bool) -> float:
         """Clip, then step unless the loss or the gradient is non-finite; returns the gradient norm."""
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # DTensor: over all ranks
         if finite_loss and math.isfinite(grad_norm):
             self.nan_streak = 0
             self.opt.step()
@@ -100,85 +187,87 @@ class Optimizer:
         self.opt.zero_grad(set_to_none=True)
         return grad_norm
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "nan_streak": self.nan_streak}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.opt.load_state_dict(sd["optimizer"])
-        self.sched.load_state_dict(sd["scheduler"])
-        self.nan_streak = sd.get("nan_streak", 0)
-
 
 LossFn = Callable[[TrainBatch, torch.Tensor, slice], tuple[torch.Tensor, dict]]
 
 
 def ppo_update(batch: TrainBatch, loss_fn: LossFn, optim: Optimizer, *, epochs: int, mini_prompts: int,
-               micro_rows: int, micro_tokens: int, agg_mode: str) -> dict:
+               micro_rows: int, micro_tokens: int, agg_mode: str, dp: DP = DP()) -> dict:
     """PPO epochs over mini-batches of whole prompts; one optimizer step per mini-batch -> mean metrics.
 
     loss_fn(mb, rows, cols) -> (aggregated loss of micro-batch mb, metrics): `rows` are mb's row indices
     in the full batch, `cols` its response columns (micro-batches are trimmed of padding).
+    mini_prompts counts this rank's prompts; every rank holds as many and steps together. Each
+    micro-batch's loss is weighted by its share of the loss divisor summed over ranks (times the world
+    size, since FSDP averages gradients over ranks), so the step equals one over the global mini-batch.
     """
     stats: dict[str, list[float]] = {}
     for _ in range(epochs):
         for mini_rows, mini in mini_batches(batch, mini_prompts):
             finite = True
+            divisor = dp.sum(A.agg_divisor(mini.response_mask, agg_mode)) / dp.world
             for rows, mb in micro_batches(mini, micro_rows, micro_tokens):
                 loss, m = loss_fn(mb, mini_rows[rows], slice(0, mb.response_mask.shape[1]))
                 finite &= bool(torch.isfinite(loss))
-                (loss * A.micro_weight(mb.response_mask, mini.response_mask, agg_mode)).backward()
+                (loss * (A.agg_divisor(mb.response_mask, agg_mode) / max(divisor, 1e-12))).backward()
                 for k, v in {**m, "loss": float(loss.detach())}.items():
                     stats.setdefault(k, []).append(float(v))
             stats.setdefault("lr", []).append(optim.sched.get_last_lr()[0])
-            stats.setdefault("grad_norm", []).append(optim.step(finite))
+            stats.setdefault("grad_norm", []).append(optim.step(dp.sum(not finite) == 0))   # all ranks agree
     return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
 
 class Policy:
-    """The actor (trainable) or the reference (frozen, `trainable=False`).
+    """The actor (trainable) or the reference (frozen, `trainable=False`), FSDP2-sharded over the ranks.
 
     norm_len: the configured max response length (rollout.response_length), the divisor of
     seq-mean-token-sum-norm, fixed here because micro-batches are trimmed to their own length.
+    offload: for the reference, keep its shards on CPU (ref.param_offload); the actor reads
+    actor.param_offload / optimizer_offload from its config.
     """
 
     def __init__(self, path: str, model_cfg: ModelConfig, cfg: ActorConfig, device: torch.device,
-                 norm_len: int, trainable: bool = True):
+                 norm_len: int, trainable: bool = True, offload: bool = False):
         self.cfg, self.model_cfg, self.device, self.norm_len = cfg, model_cfg, device, norm_len
-        self.model = load_causal_lm(path, model_cfg, device)
-        self.model.train(trainable)
-        self.model.requires_grad_(trainable)
-        self.optim = Optimizer(self.model.parameters(), cfg.lr, cfg.weight_decay, cfg.betas, cfg.warmup_steps,
+        self.model = load_causal_lm(path, model_cfg, trainable)            # the HF model; its params become DTensors
+        self.root = sharded(self.model, LogProbHead(self.model), model_cfg, device, offload=offload and not trainable)
+        self.dp = DP.current()
+        self.root.train(trainable)
+        self.root.requires_grad_(trainable)
+        self.optim = Optimizer(self.root.parameters(), cfg.lr, cfg.weight_decay, cfg.betas, cfg.warmup_steps,
                                cfg.grad_clip, cfg.max_nan_steps, "actor") if trainable else None
+        self.offloader = Offload(self.root, self.optim.opt if self.optim else None, device,
+                                 trainable and cfg.param_offload, trainable and cfg.optimizer_offload)
+        self.offloader.offload()
 
     def _forward(self, mb: TrainBatch, temperature: float, with_entropy: bool):
         labels = mb.input_ids[:, mb.prompt_len:mb.prompt_len + mb.response_mask.shape[1]]
-        # the lm_head runs under autocast too: in fp32 its [tokens, V] GEMMs took half the update's GPU time
-        # (docs/benchmarks/profile_update.md); log_softmax itself is computed in fp32
-        with autocast(self.device, self.model_cfg.dtype):
-            hidden = response_hidden(self.model.model, mb)
-            return A.logp_entropy(hidden, self.model.lm_head, labels, temperature, with_entropy)
+        return self.root(mb.input_ids, mb.attention_mask, mb.position_ids, labels, mb.prompt_len, temperature,
+                         with_entropy)
 
     @torch.no_grad()
     def log_probs(self, batch: TrainBatch, temperature: float, micro_batch_size: int = 8,
                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs (and entropy) of the response tokens. # [B, L] each"""
+        self.offloader.onload()
         batch = to_device(batch, self.device)
         logp = torch.zeros(batch.response_mask.shape, device=self.device)
         ent = torch.zeros_like(logp)
-        was_training = self.model.training
-        self.model.eval()                      # no dropout noise in old / reference log-probs
+        was_training = self.root.training
+        self.root.eval()                       # no dropout noise in old / reference log-probs
         try:
             for rows, mb in micro_batches(batch, micro_batch_size):
                 lp, en = self._forward(mb, temperature, with_entropy)
                 logp[rows, :lp.shape[1]], ent[rows, :en.shape[1]] = lp, en
         finally:
-            self.model.train(was_training)
+            self.root.train(was_training)
         return logp.cpu(), ent.cpu()
 
     def update(self, batch: TrainBatch, old_logp: torch.Tensor, adv: torch.Tensor,
                ref_logp: torch.Tensor | None, temperature: float) -> dict:
-        """PPO epochs over mini-batches of actor.ppo_mini_batch_size prompts; returns mean metrics."""
+        """PPO epochs over mini-batches of actor.ppo_mini_batch_size prompts (all ranks together); mean metrics."""
         c = self.cfg
+        self.offloader.onload()
         low = c.clip_ratio if c.clip_ratio_low < 0 else c.clip_ratio_low
         high = c.clip_ratio if c.clip_ratio_high < 0 else c.clip_ratio_high
         batch = to_device(batch, self.device)
@@ -203,28 +292,39 @@ class Policy:
                 m["kl_loss"] = float(kl.detach())
             return loss, {**m, "pg_loss": float(pg_loss.detach()), "entropy": float(entropy.detach())}
 
-        return ppo_update(batch, loss_fn, self.optim, epochs=c.ppo_epochs, mini_prompts=c.ppo_mini_batch_size,
-                          micro_rows=c.ppo_micro_batch_size_per_gpu, micro_tokens=c.ppo_max_token_len_per_gpu,
-                          agg_mode=c.loss_agg_mode)
+        try:
+            return ppo_update(batch, loss_fn, self.optim, epochs=c.ppo_epochs,
+                              mini_prompts=max(1, c.ppo_mini_batch_size // self.dp.world),
+                              micro_rows=c.ppo_micro_batch_size_per_gpu, micro_tokens=c.ppo_max_token_len_per_gpu,
+                              agg_mode=c.loss_agg_mode, dp=self.dp)
+        finally:
+            self.offloader.offload()
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(hf_name, tensor) pairs as the engine loads them; a tied lm_head is not sent twice."""
-        tied = getattr(self.model.config, "tie_word_embeddings", False)
-        for name, t in self.model.state_dict().items():
-            if tied and name == "lm_head.weight":
-                continue
-            yield name, t.detach()
+        """(hf_name, full tensor) pairs as the engine loads them, gathered ONE tensor at a time (collective:
+        every rank iterates); a tied lm_head is not sent twice."""
+        return fsdp.full_named_tensors(self.model)
 
     def parameters_finite(self) -> bool:
-        """False when any parameter holds NaN / inf (such weights are never pushed or exported)."""
-        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())   # one sync
+        """False when any parameter shard on any rank holds NaN / inf (never pushed or exported then)."""
+        local = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in self.root.parameters()]
+        bad = not bool(torch.stack(local).all()) if local else False
+        return self.dp.sum(bad) == 0
+
+    def sharded_state(self) -> dict:
+        """Model + optimizer shards for torch.distributed.checkpoint (each rank its own part)."""
+        return fsdp.sharded_state(self.root, self.optim.opt if self.optim else None)
+
+    def load_sharded_state(self, state: dict) -> None:
+        fsdp.set_sharded_state(self.root, self.optim.opt if self.optim else None, state)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), **self.optim.state_dict()}
+        """The plain part of a checkpoint (scheduler, NaN streak); weights are in sharded_state()."""
+        return {"scheduler": self.optim.sched.state_dict(), "nan_streak": self.optim.nan_streak}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.model.load_state_dict(sd["model"])
-        self.optim.load_state_dict(sd)
+        self.optim.sched.load_state_dict(sd["scheduler"])
+        self.optim.nan_streak = sd.get("nan_streak", 0)
 
 
 class Critic:
@@ -235,20 +335,20 @@ class Critic:
         self.cfg, self.model_cfg, self.device, self.norm_len = cfg, model_cfg, device, norm_len
         self.agg_mode = agg_mode
         self.mini_prompts = cfg.ppo_mini_batch_size if cfg.ppo_mini_batch_size > 0 else mini_prompts
-        self.backbone = load_causal_lm(path, model_cfg, device, backbone_only=True)
-        self.head = nn.Linear(self.backbone.config.hidden_size, 1).to(device)
-        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
-        params = list(self.backbone.parameters()) + list(self.head.parameters())
-        self.optim = Optimizer(params, cfg.lr, 0.0, (0.9, 0.999), cfg.warmup_steps, cfg.grad_clip, max_nan_steps,
-                               "critic")
+        lm = load_causal_lm(path, model_cfg)
+        self.root = sharded(lm, ValueHead(lm), model_cfg, device)
+        self.dp = DP.current()
+        self.optim = Optimizer(self.root.parameters(), cfg.lr, 0.0, (0.9, 0.999), cfg.warmup_steps, cfg.grad_clip,
+                               max_nan_steps, "critic")
+        self.offloader = Offload(self.root, self.optim.opt, device, cfg.param_offload, cfg.optimizer_offload)
+        self.offloader.offload()
 
     def _values(self, mb: TrainBatch) -> torch.Tensor:
-        with autocast(self.device, self.model_cfg.dtype):
-            hidden = response_hidden(self.backbone, mb)
-        return self.head(hidden.float()).squeeze(-1)  # [b, l]
+        return self.root(mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len, mb.response_mask.shape[1])
 
     @torch.no_grad()
     def values(self, batch: TrainBatch) -> torch.Tensor:
+        self.offloader.onload()
         batch = to_device(batch, self.device)
         out = torch.zeros(batch.response_mask.shape, device=self.device)
         for rows, mb in micro_batches(batch, self.cfg.ppo_micro_batch_size_per_gpu):
@@ -265,19 +365,29 @@ class Critic:
             return A.value_loss(self._values(mb), old_values[rows, cols], returns[rows, cols], mb.response_mask,
                                 self.cfg.cliprange_value, self.agg_mode, self.norm_len)
 
-        m = ppo_update(batch, loss_fn, self.optim, epochs=self.cfg.ppo_epochs, mini_prompts=self.mini_prompts,
-                       micro_rows=self.cfg.ppo_micro_batch_size_per_gpu,
-                       micro_tokens=self.cfg.ppo_max_token_len_per_gpu, agg_mode=self.agg_mode)
+        self.offloader.onload()
+        try:
+            m = ppo_update(batch, loss_fn, self.optim, epochs=self.cfg.ppo_epochs,
+                           mini_prompts=max(1, self.mini_prompts // self.dp.world),
+                           micro_rows=self.cfg.ppo_micro_batch_size_per_gpu,
+                           micro_tokens=self.cfg.ppo_max_token_len_per_gpu, agg_mode=self.agg_mode, dp=self.dp)
+        finally:
+            self.offloader.offload()
         names = {"loss": "vf_loss", "grad_norm": "vf_grad_norm"}
         return {f"critic/{names.get(k, k)}": v for k, v in m.items()}
 
+    def sharded_state(self) -> dict:
+        return fsdp.sharded_state(self.root, self.optim.opt)
+
+    def load_sharded_state(self, state: dict) -> None:
+        fsdp.set_sharded_state(self.root, self.optim.opt, state)
+
     def state_dict(self) -> dict:
-        return {"backbone": self.backbone.state_dict(), "head": self.head.state_dict(), **self.optim.state_dict()}
+        return {"scheduler": self.optim.sched.state_dict(), "nan_streak": self.optim.nan_streak}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.backbone.load_state_dict(sd["backbone"])
-        self.head.load_state_dict(sd["head"])
-        self.optim.load_state_dict(sd)
+        self.optim.sched.load_state_dict(sd["scheduler"])
+        self.optim.nan_streak = sd.get("nan_streak", 0)
 
 
 def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:

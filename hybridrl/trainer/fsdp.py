@@ -73,8 +73,12 @@ def tied_embeddings(model: nn.Module) -> bool:
 
 
 def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None,
-                reduce_dtype: torch.dtype = torch.float32, offload: bool = False) -> nn.Module:
-    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head); returns the model.
+                reduce_dtype: torch.dtype = torch.float32, offload: bool = False,
+                root: nn.Module | None = None) -> nn.Module:
+    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head); returns the root.
+
+    root: a module holding `model` whose forward is the whole computation (the trainer's LogProbHead), so
+    the root's parameters are gathered around that forward; default the model itself.
 
     param_dtype None means bf16 compute on GPU and the stored dtype on CPU; gradients reduce in reduce_dtype.
     offload keeps sharded parameters, gradients and optimizer state on CPU (CPUOffloadPolicy).
@@ -87,16 +91,18 @@ def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype
     if param_dtype is None and device.type == "cuda":
         param_dtype = torch.bfloat16
     tied = tied_embeddings(model)
-    model.to(device)
+    root = model if root is None else root
+    offload = offload and device.type == "cuda"          # on CPU the shards are on the host already
+    root.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                   offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     for layer in layers:
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(root, **kwargs)
     if tied and not tied_embeddings(model):
         raise HybridRLError("shard_model: lm_head and embed_tokens were tied before fully_shard and are not after")
-    return model
+    return root
 
 
 # ---------------------------------------------------------------- full weights, one at a time
@@ -133,44 +139,57 @@ def full_named_tensors(model: nn.Module, skip: Iterable[str] = ()) -> Iterator[t
 
 # ---------------------------------------------------------------- sharded checkpoints (DCP)
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """{"model": shards, "optim": shards} of this rank, for dcp.save / dcp.load (keys free of FSDP prefixes)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
     options = StateDictOptions(full_state_dict=False)
-    return {MODEL_KEY: get_model_state_dict(model, options=options),
-            OPTIM_KEY: get_optimizer_state_dict(model, optimizer, options=options)}
+    state = {MODEL_KEY: get_model_state_dict(model, options=options)}
+    if optimizer is not None:
+        state[OPTIM_KEY] = get_optimizer_state_dict(model, optimizer, options=options)
+    return state
+
+
+def set_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+    """Put a sharded_state() dict that dcp.load filled back into the model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=False)
+    set_model_state_dict(model, state[MODEL_KEY], options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state[OPTIM_KEY], options=options)
+
 
 
 def save_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the model and optimizer to the folder `path` (collective)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_state(model, optimizer), checkpoint_id=str(path))
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=str(path))
 
 
 def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a save_sharded folder into a sharded model + optimizer at any world size (DCP reshards; collective)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
 
-    state = _state(model, optimizer)  # the target layout; dcp.load fills it in place
+    state = sharded_state(model, optimizer)  # the target layout; dcp.load fills it in place
     dcp.load(state, checkpoint_id=str(path))
-    options = StateDictOptions(full_state_dict=False)
-    set_model_state_dict(model, state[MODEL_KEY], options=options)
-    set_optimizer_state_dict(model, optimizer, state[OPTIM_KEY], options=options)
+    set_sharded_state(model, optimizer, state)
 
 
 # ---------------------------------------------------------------- merge to a Hugging Face folder
 
 def merge_to_hf(sharded_ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                model_config_src: str | os.PathLike, dtype: torch.dtype | None = None) -> str:
+                model_config_src: str | os.PathLike, dtype: torch.dtype | None = None,
+                prefix: str = MODEL_KEY + ".") -> str:
     """Write a Hugging Face folder (model.safetensors + config, tokenizer, generation config) from save_sharded.
 
     One process, no process group. Reads only the model entries (not the optimizer), all at once, in the
     stored dtype unless `dtype`; a tied lm_head.weight is left out as save_pretrained does. Every non-weight
-    file of model_config_src (the original HF folder) is copied.
+    file of model_config_src (the original HF folder) is copied. prefix: the checkpoint keys of the model's
+    weights (save_sharded: "model."; a training checkpoint: "actor.model.lm.").
     """
     import json
 
@@ -178,13 +197,12 @@ def merge_to_hf(sharded_ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     from safetensors.torch import save_file
 
     reader = dcp.FileSystemReader(str(sharded_ckpt_dir))
-    prefix = MODEL_KEY + "."
     model_state = {key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
                    for key, meta in reader.read_metadata().state_dict_metadata.items()
                    if key.startswith(prefix) and isinstance(meta, dcp.metadata.TensorStorageMetadata)}
     with warnings.catch_warnings():  # dcp warns that no_dist means one process: that is the intent here
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({MODEL_KEY: model_state}, storage_reader=reader, no_dist=True)
+        dcp.load({prefix + k: t for k, t in model_state.items()}, storage_reader=reader, no_dist=True)  # fills in place
     with open(os.path.join(model_config_src, "config.json")) as f:
         if json.load(f).get("tie_word_embeddings", False):
             model_state.pop("lm_head.weight", None)
