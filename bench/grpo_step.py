@@ -68,8 +68,9 @@ def run(backend: str, model_dir: str, data: str, reward: str, root: Path, args) 
     med = lambda k: statistics.median(r[k] for r in steady if k in r) if any(k in r for r in steady) else None
     keys = ["timing/step", "timing/gen", "timing/sleep", "timing/reward", "timing/old_log_prob", "timing/adv",
             "timing/update", "timing/sync", "rollout/rollout_probs_diff_mean", "rollout/rollout_probs_diff_max",
-            "rollout/rollout_logp_abs_diff_mean", "response_length/mean"]
-    return {"backend": backend, "wall_s": wall, "steps": len(rows), **{k: med(k) for k in keys}, "per_step": rows}
+            "rollout/rollout_logp_abs_diff_mean", "response_length/mean", "perf/gpu_peak_gb",
+            "perf/gpu_held_during_rollout_gb", "perf/gpu_reserved_gb"]
+    return {"backend": backend, "label": args.label, "wall_s": wall, "steps": len(rows), **{k: med(k) for k in keys}, "per_step": rows}
 
 
 def main():
@@ -83,6 +84,7 @@ def main():
     ap.add_argument("--micro", type=int, default=32)
     ap.add_argument("--root", default="/tmp/hybridrl_bench")
     ap.add_argument("--out", default="grpo_step.json")
+    ap.add_argument("--label", default="", help="a name for this variant in the table (e.g. offload)")
     ap.add_argument("extra", nargs="*", help="extra config overrides")
     args = ap.parse_args()
     import torch
@@ -97,14 +99,16 @@ def main():
         except Exception as e:  # keep the other backend's figures
             res["runs"].append({"backend": b, "error": f"{type(e).__name__}: {e}"[:2000]})
         json.dump(res, open(args.out, "w"), indent=1)
-    print(f"\n{'backend':8} {'step_s':>7} {'gen':>6} {'old_lp':>6} {'update':>6} {'sync':>6} {'sleep':>6} {'p_diff':>8}")
+    print(f"\n{'backend':8} {'step_s':>7} {'gen':>6} {'old_lp':>6} {'update':>6} {'sync':>6} {'sleep':>6} {'p_diff':>8}"
+          f" {'peak_gb':>7} {'held_gb':>7}  {args.label}")
     for r in res["runs"]:
         if "error" in r:
             print(f"{r['backend']:8} error: {r['error'][:200]}")
             continue
         f = lambda k: f"{r[k]:.3g}" if r.get(k) is not None else "-"
         print(f"{r['backend']:8} {f('timing/step'):>7} {f('timing/gen'):>6} {f('timing/old_log_prob'):>6} "
-              f"{f('timing/update'):>6} {f('timing/sync'):>6} {f('timing/sleep'):>6} {f('rollout/rollout_probs_diff_mean'):>8}")
+              f"{f('timing/update'):>6} {f('timing/sync'):>6} {f('timing/sleep'):>6} {f('rollout/rollout_probs_diff_mean'):>8}"
+              f" {f('perf/gpu_peak_gb'):>7} {f('perf/gpu_held_during_rollout_gb'):>7}")
 
 
 if __name__ == "__main__":

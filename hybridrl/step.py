@@ -57,6 +57,7 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
 
     # 1. rollout: this rank's block of prompts, n samples each, all requests in flight; then the engine sleeps
     prompts, first = ctx.dp.shard(prompts)
+    held_during_rollout = memory_gb()
     with ctx.timer("gen"):
         samples = await rollout(ctx.engine, prompts, SamplingParams.from_rollout(cfg.rollout), ctx.tokenizer,
                                 step=step, first=first, progress=ctx.dp.is_main)
@@ -119,6 +120,7 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     metrics.update(step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg))
     metrics.update({f"timing/{k}": v for k, v in ctx.timing.items()})
     metrics["timing/step"] = time.perf_counter() - t0
+    metrics.update(memory_metrics(held_during_rollout))
     metrics = ctx.dp.mean_metrics(metrics)
     metrics.update(sample_metrics(everyone))
     metrics.update(staleness_metrics(everyone, ctx.version - 1))   # rollout ran on the version before this sync
@@ -150,6 +152,22 @@ async def sync_weights(ctx: RLContext) -> None:
     ctx.version += 1
     buckets = bucketize(ctx.actor.named_weights(), ctx.cfg.rollout.update_weights_bucket_megabytes)
     await ctx.engine.update_weights(buckets, ctx.version)
+
+
+def memory_gb() -> float:
+    """GPU memory this process's tensors hold now (GB); 0 without CUDA."""
+    return torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() and torch.cuda.is_initialized() else 0.0
+
+
+def memory_metrics(held_during_rollout: float) -> dict:
+    """perf/gpu_peak_gb: this process's peak in the step (then reset); perf/gpu_held_during_rollout_gb: what it
+    held when generation began (the trainer's share with an sglang server; trainer + engine with native)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    return {"perf/gpu_peak_gb": peak, "perf/gpu_held_during_rollout_gb": held_during_rollout,
+            "perf/gpu_reserved_gb": torch.cuda.memory_reserved() / 1e9}
 
 
 def staleness_metrics(samples: list[Sample], expected: int) -> dict:

@@ -75,7 +75,7 @@ class ValueHead(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, prompt_len: int, response_len: int):
         hidden = response_hidden(self.lm.model, input_ids, attention_mask, position_ids, prompt_len, response_len)
-        return self.head(hidden.float()).squeeze(-1)  # [b, l]
+        return self.head(hidden).float().squeeze(-1)  # [b, l]; the head computes in the root's param dtype
 
 
 def sharded(lm: nn.Module, root: nn.Module, model_cfg: ModelConfig, device: torch.device,
