@@ -107,3 +107,45 @@ def test_balance_keeps_groups_whole_and_evens_tokens():
     assert all(len({s.group for s in g}) == 1 and len(g) == 2 for p in parts for g in p)
     with pytest.raises(HybridRLError, match="6 prompt groups cannot be split evenly over 4 ranks"):
         balanced_groups(samples, 4)
+
+
+def test_two_ranks_share_one_tensor_parallel_replica(task, tiny_qwen2_dir, tmp_path, monkeypatch):
+    """rollout.tensor_model_parallel_size=2 over 2 ranks: one server (started by rank 0, the replica's leader),
+    both ranks send it their requests, only the leader pushes weights and sleeps it, after a barrier. The server
+    here is `hybridrl serve`'s (SGLang's HTTP API on CPU) in place of `python -m sglang.launch_server`."""
+    import sys
+    from hybridrl.train import train
+    monkeypatch.setenv("HYBRIDRL_SGLANG_CMD", f"{sys.executable} -m hybridrl.rollout.native.server")
+    run = tmp_path / "tp"
+    train(load_config(overrides(task, tiny_qwen2_dir, run, "trainer.n_gpus_per_node=2", "rollout.name=sglang",
+                                "actor_rollout_ref.rollout.tensor_model_parallel_size=2",
+                                "rollout.free_cache_engine=true", "trainer.total_training_steps=2")))
+    r = rows(run)
+    assert [x["step"] for x in r] == [1, 2]
+    assert all(x["rollout/stale_fraction"] == 0.0 for x in r)       # every sample from the pushed version
+    assert [x["perf/weight_version"] for x in r] == [2, 3]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("replica")) == ["replica0"]
+    log = (run / "replica0" / "sglang_server.log").read_text()
+    assert "/generate" in log or log != ""
+
+
+def test_replica_placement():
+    from hybridrl.rollout.sglang.replicas import place
+    import os
+    env = dict(os.environ)
+    try:
+        os.environ.update(LOCAL_WORLD_SIZE="4")
+        got = []
+        for rank in range(8):                       # 2 nodes x 4 GPUs, TP 2: replicas 0..3
+            os.environ["LOCAL_RANK"] = str(rank % 4)
+            got.append(place(rank, 8, 2, False, rank % 4))
+        assert [g.index for g in got] == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert [g.leader for g in got] == [True, False] * 4
+        assert [g.leader_rank for g in got] == [0, 0, 2, 2, 4, 4, 6, 6]
+        assert [g.base_gpu_id for g in got if g.leader] == [0, 2, 0, 2]
+        with pytest.raises(HybridRLError, match="must divide the ranks per node"):
+            place(0, 8, 8, False, 0)                # TP across nodes
+        assert place(3, 8, 2, True, None).leader is False and place(0, 8, 2, True, None).leader
+    finally:
+        os.environ.clear()
+        os.environ.update(env)

@@ -146,3 +146,27 @@ def test_process_group_is_reused(world_of_one):
 def test_shard_model_names_what_it_cannot_shard():
     with pytest.raises(HybridRLError, match="model.model.layers"):
         fsdp.shard_model(torch.nn.Linear(2, 2), CPU)
+
+
+def test_bucketed_gather_holds_at_most_one_bucket_and_a_tensor(tmp_path, world_of_one):
+    """The weight push pulls full tensors lazily: when the engine holds bucket k, the gathers have produced that
+    bucket's tensors and at most one more (the one that closed it); every name once, full shape."""
+    from transformers import AutoModelForCausalLM
+    from hybridrl.sync import bucketize
+    path = save_tiny_model(tmp_path / "m", hidden_size=256, num_layers=3, vocab_size=2048)
+    model = fsdp.shard_model(_load(path), CPU)
+    produced = []
+
+    def counted():
+        for name, t in fsdp.full_named_tensors(model):
+            produced.append(name)
+            yield name, t
+
+    consumed, seen = 0, []
+    for bucket in bucketize(counted(), bucket_mb=1):
+        consumed += len(bucket)
+        assert len(produced) - consumed <= 1
+        seen += [(n, tuple(t.shape)) for n, t in bucket]
+    ref = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert len(seen) == len({n for n, _ in seen}) and consumed > 3
+    assert dict(seen) == {n: tuple(t.shape) for n, t in ref.items() if n != "lm_head.weight"}

@@ -73,8 +73,10 @@ class SGLangEngine:
     def __init__(self, url: str, info: dict, *, process: launcher.ServerProcess | None = None,
                  model_path: str = "", weight_sync: str = "tensor", tp_size: int = 1,
                  request_timeout: float = 600.0, update_timeout: float = 600.0, run_dir: str = "",
-                 retries: int = 3, backoff: float = 0.5):
+                 retries: int = 3, backoff: float = 0.5, leader: bool = True, dp=None):
+        from hybridrl.parallel import DP
         self.url, self.process, self.model_path = url, process, model_path
+        self.leader, self.dp = leader, dp or DP()     # a replica shared by ranks: only its leader controls it
         self.api_version, self.native = compat.check_version(info)
         self.server_version = str(info.get("version"))
         self.tp_size, self.run_dir, self.update_timeout = tp_size, run_dir, update_timeout
@@ -86,22 +88,38 @@ class SGLangEngine:
     @classmethod
     def from_config(cls, cfg, model_path: str | None = None, *, launch_cmd: list[str] | None = None,
                     run_dir: str | None = None) -> "SGLangEngine":
-        """Attach to rollout.server_url, or launch a server for model_path (default cfg.model.path)."""
+        """Attach to rollout.server_url, or launch a server for model_path (default cfg.model.path).
+
+        With several data-parallel ranks each rank calls this: the leader of each replica launches its server,
+        every rank learns its replica's URL (a collective), see replicas.py."""
+        import os
+        from hybridrl.parallel import DP
+        from hybridrl.rollout.sglang import replicas
         r = cfg.rollout
         transports.transport_class(r.weight_sync).check(cfg)      # refuse before a server starts
         model_path = model_path or cfg.model.path
         run_dir = run_dir if run_dir is not None else _run_dir(cfg)
         process, url = None, r.server_url.rstrip("/")
-        if not url:
+        dp = DP.current()
+        rep = replicas.place(dp.rank, dp.world, r.tensor_model_parallel_size, bool(url), _gpu_index(cfg))
+        if launch_cmd is None and os.environ.get("HYBRIDRL_SGLANG_CMD"):   # e.g. `python -m hybridrl.rollout.native.server`
+            launch_cmd = os.environ["HYBRIDRL_SGLANG_CMD"].split()
+        if not url and rep.leader:
             if not model_path:
                 raise HybridRLError("rollout.name=sglang needs a model: set model.path (or rollout.server_url)")
-            process, url = launcher.launch(cfg, model_path, run_dir, launch_cmd)
+            if dp.world > 1:
+                run_dir = os.path.join(run_dir, f"replica{rep.index}")
+                os.makedirs(run_dir, exist_ok=True)
+            process, url = launcher.launch(cfg, model_path, run_dir, launch_cmd, base_gpu_id=rep.base_gpu_id,
+                                           first_port=30000 + 50 * rep.index)
+        if dp.world > 1 and not r.server_url:
+            url = dp.gather([url])[rep.leader_rank]               # collective: every rank learns its server
         try:
             info = launcher.get_info(url, compat.SERVER_INFO_PATHS)
             info["weight_version"] = launcher.get_info(url, compat.MODEL_INFO_PATHS).get("weight_version")
             engine = cls(url, info, process=process, model_path=model_path, weight_sync=r.weight_sync,
                          tp_size=r.tensor_model_parallel_size, request_timeout=r.request_timeout,
-                         update_timeout=max(r.request_timeout, 60.0), run_dir=run_dir)
+                         update_timeout=max(r.request_timeout, 60.0), run_dir=run_dir, leader=rep.leader, dp=dp)
             engine.transport.prepare()
             return engine
         except BaseException:
@@ -147,7 +165,11 @@ class SGLangEngine:
 
     # ---- memory -----------------------------------------------------------------------------
     async def sleep(self, tags: Sequence[str] = TAGS) -> None:
-        """Release the tags not yet released (SGLang's scheduler must not see a tag twice)."""
+        """Release the tags not yet released (SGLang's scheduler must not see a tag twice).
+        Shared replica: every rank has finished generating (barrier) before its leader releases memory."""
+        self.dp.barrier()
+        if not self.leader:
+            return
         todo = [t for t in self._check_tags(tags) if t not in self._released]
         if todo:
             await self._call("POST", "/release_memory_occupation", self._tags_body(todo), timeout=self.update_timeout)
@@ -195,13 +217,21 @@ class SGLangEngine:
         self.transport = transports.make_transport(name, self)
 
     async def update_weights(self, buckets: Iterable[Sequence[tuple[str, object]]], version: int) -> None:
-        """Wake released weights, push every bucket with `version`, flush once, check the version, wake the KV cache."""
+        """Wake released weights, push every bucket with `version`, flush once, check the version, wake the KV cache.
+        Shared replica: the other ranks take part in the weight gathers, then wait until the leader is done."""
+        if not self.leader:
+            for _ in buckets:                  # the gathers behind the buckets are collectives
+                pass
+            self.dp.barrier()
+            self.weight_version = version
+            return
         await self.wake(["weights"])
         await self.transport.push(buckets, version)
         await self.flush_cache()
         await self._check_version(version)
         self.weight_version = version
         await self.wake(["kv_cache"])
+        self.dp.barrier()
 
     async def post_weights(self, path: str, body: dict, label: str, retries: int = 1) -> None:
         """One weight push for a transport; a refusal names the bucket (`label`) and the server's reason."""
@@ -249,6 +279,14 @@ class SGLangEngine:
                 raise HybridRLError(f"{e}\nthe rollout server exited with code {self.process.proc.returncode}; "
                                     f"last lines of {self.process.log_path}:\n{self.process.log_tail()}") from None
             raise
+
+
+def _gpu_index(cfg) -> int | None:
+    """This process's CUDA device index (the rank's GPU), or None for a CPU trainer / no CUDA."""
+    import torch
+    if cfg.trainer.device == "cpu" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.current_device()
 
 
 def _run_dir(cfg) -> str:

@@ -31,7 +31,7 @@ SGLANG_CMD = [sys.executable, "-m", "sglang.launch_server"]
 LOG_NAME = "sglang_server.log"
 
 
-def server_flags(cfg, model_path: str, host: str, port: int) -> list[str]:
+def server_flags(cfg, model_path: str, host: str, port: int, base_gpu_id: int | None = None) -> list[str]:
     """Our RolloutConfig → `sglang.launch_server` flags; engine_kwargs["sglang"] is passed through."""
     r = cfg.rollout
     flags = ["--model-path", model_path, "--host", host, "--port", str(port),
@@ -40,6 +40,8 @@ def server_flags(cfg, model_path: str, host: str, port: int) -> list[str]:
              "--max-running-requests", str(r.max_num_seqs),
              "--load-format", r.load_format, "--log-level", r.log_level,
              "--random-seed", str(r.seed), "--skip-tokenizer-init", "--skip-server-warmup"]
+    if base_gpu_id:                                 # a replica on this node's GPUs base_gpu_id .. + tp - 1
+        flags += ["--base-gpu-id", str(base_gpu_id)]
     if r.dtype != "auto":
         flags += ["--dtype", r.dtype]
     if r.enforce_eager:
@@ -197,17 +199,19 @@ def get_info(base_url: str, paths: tuple[str, ...], timeout: float = 10.0) -> di
 
 
 def launch(cfg, model_path: str, run_dir: str, launch_cmd: list[str] | None = None,
-           host: str = "127.0.0.1", attempts: int = 2) -> tuple[ServerProcess, str]:
+           host: str = "127.0.0.1", attempts: int = 2, base_gpu_id: int | None = None,
+           first_port: int = 30000) -> tuple[ServerProcess, str]:
     """Start the server on a free port and wait for /health; a port taken meanwhile → retry on another."""
     if launch_cmd is None:
         check_sglang_installed()
     cmd0 = list(launch_cmd or SGLANG_CMD)
     env = launch_env(real_sglang=launch_cmd is None)
-    port = 30000
+    port = first_port
     for attempt in range(attempts):
         port = find_free_port(port, host)
         url = f"http://{host}:{port}"
-        proc = ServerProcess(cmd0 + server_flags(cfg, model_path, host, port), os.path.join(run_dir, LOG_NAME), env)
+        proc = ServerProcess(cmd0 + server_flags(cfg, model_path, host, port, base_gpu_id),
+                             os.path.join(run_dir, LOG_NAME), env)
         try:
             proc.wait_healthy(url, cfg.rollout.server_start_timeout)
             return proc, url
