@@ -183,7 +183,10 @@ class RolloutConfig:
     engine_kwargs: dict = f({}, "extra backend arguments, e.g. {sglang: {chunked_prefill_size: 4096}}, passed unchanged")
     log_level: str = f("warning", "sglang server log level")
     server_start_timeout: float = f(600.0, "seconds to wait for an engine server to become healthy")
-    request_timeout: float = f(600.0, "seconds one generate request may take")
+    request_timeout: float = f(600.0, "seconds one generate request may take, at least; a longer request gets "
+                               "more (0.1 s per max new token when that is larger)")
+    server_restarts: int = f(2, "sglang: times a launched server that dies is started again within a run (the "
+                             "weights are pushed again and only the lost requests re-sent); 0 = fail at once")
     val_kwargs: ValKwargs = field(default_factory=ValKwargs, metadata={"help": "sampling used in validation"})
     _section: ClassVar[str] = "rollout"
 
@@ -192,7 +195,7 @@ class RolloutConfig:
             raise _bad("rollout.name", self.name, "hybridrl runs rollouts on native | sglang; use rollout.name=sglang")
         self.top_k = -1 if self.top_k == 0 else self.top_k
         self.stop = _as_list(self.stop)
-        _check(self, ge0=("temperature",), unit=("top_p", "gpu_memory_utilization"), opt=("top_k",),
+        _check(self, ge0=("temperature", "server_restarts"), unit=("top_p", "gpu_memory_utilization"), opt=("top_k",),
                ge1=("n", "response_length", "tensor_model_parallel_size", "max_num_seqs",
                     "max_num_batched_tokens", "kv_block_size", "log_prob_micro_batch_size_per_gpu",
                     "update_weights_bucket_megabytes"),

@@ -20,7 +20,7 @@ import torch
 from hybridrl import HybridRLError, algorithms as A
 from hybridrl.config import Config
 from hybridrl.parallel import DP
-from hybridrl.rollout.agent import rollout
+from hybridrl.rollout.agent import RolloutIncomplete, rollout
 from hybridrl.rewards import score_samples
 from hybridrl.rollout.base import SamplingParams
 from hybridrl.sync import bucketize
@@ -59,8 +59,7 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     prompts, first = ctx.dp.shard(prompts)
     held_during_rollout = memory_gb()
     with ctx.timer("gen"):
-        samples = await rollout(ctx.engine, prompts, SamplingParams.from_rollout(cfg.rollout), ctx.tokenizer,
-                                step=step, first=first, progress=ctx.dp.is_main)
+        samples = await generate(ctx, prompts, SamplingParams.from_rollout(cfg.rollout), step, first)
         if cfg.algorithm.adv_estimator == "remax":
             await remax_baseline(ctx, prompts, samples, step, first)
     if cfg.rollout.free_cache_engine:
@@ -130,11 +129,35 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     return metrics
 
 
+async def generate(ctx: RLContext, prompts: list[Sample], sampling: SamplingParams, step: int, first: int,
+                   desc: str = "rollout", attempts: int = 3) -> list[Sample]:
+    """rollout() that survives a rollout server restart: the finished prompts' samples are kept, the weights
+    are pushed again (same version: the same weights), and only the lost prompts are sent again, with the
+    same seeds. Every rank takes part in a re-push (the gathers are collectives), so all agree first."""
+    done: list[Sample] = []
+    todo = list(enumerate(prompts, first))
+    for attempt in range(attempts + 1):
+        try:
+            done += await rollout(ctx.engine, [p for _, p in todo], sampling, ctx.tokenizer, step=step, desc=desc,
+                                  progress=ctx.dp.is_main and attempt == 0, indices=[i for i, _ in todo])
+            todo, why = [], ""
+        except RolloutIncomplete as e:
+            done, todo, why = done + e.samples, e.unfinished, str(e)
+        if ctx.dp.sum(len(todo)) == 0:
+            return sorted(done, key=lambda s: s.group)          # groups in prompt order, as without a restart
+        if attempt == attempts:
+            break
+        buckets = bucketize(ctx.actor.named_weights(), ctx.cfg.rollout.update_weights_bucket_megabytes)
+        await ctx.engine.update_weights(buckets, ctx.version)   # the restarted server gets the current weights
+    raise HybridRLError(f"the rollout could not finish after {attempts} server restarts ({why or 'another rank'}); "
+                        "the last checkpoint is intact; check the server log in the run folder")
+
+
 async def remax_baseline(ctx: RLContext, prompts: list[Sample], samples: list[Sample], step: int,
                          first: int = 0) -> None:
     """ReMax: each prompt's greedy answer, scored, is the baseline of its samples (Sample.baseline)."""
-    greedy = await rollout(ctx.engine, prompts, SamplingParams.from_rollout(ctx.cfg.rollout, temperature=0.0, n=1),
-                           ctx.tokenizer, step=step, desc="remax baseline", first=first, progress=False)
+    greedy = await generate(ctx, prompts, SamplingParams.from_rollout(ctx.cfg.rollout, temperature=0.0, n=1),
+                            step, first, desc="remax baseline")
     score_samples(greedy, ctx.reward_fn, ctx.cfg.reward.timeout_s)
     by_group = {g.group: g.reward for g in greedy}
     for s in samples:

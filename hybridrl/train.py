@@ -18,10 +18,9 @@ from tqdm.auto import tqdm
 from hybridrl import HybridRLError, algorithms as A
 from hybridrl import checkpoint as ckpt
 from hybridrl.config import Config
-from hybridrl.rollout.agent import rollout
 from hybridrl.rollout.base import SamplingParams, engine_class
 from hybridrl.rewards import score_samples
-from hybridrl.step import RLContext, reward_metrics, rl_step, sync_weights
+from hybridrl.step import RLContext, generate, reward_metrics, rl_step, sync_weights
 from hybridrl.tracking import Tracker, plot_run
 from hybridrl.types import Sample
 
@@ -195,9 +194,9 @@ async def validate(ctx: RLContext, prompts: list[Sample]) -> dict:
                                      ignore_eos=False)
     samples, size = [], ctx.cfg.data.val_batch_size
     mine, first = ctx.dp.shard(prompts)         # each rank validates its block on its own engine
-    for i in range(0, len(mine), size):         # at most val_batch_size prompts in flight
-        samples += await rollout(ctx.engine, mine[i:i + size], sp, ctx.tokenizer, step=-1 - first - i,
-                                 desc="validate", progress=ctx.dp.is_main)
+    per_rank = -(-len(prompts) // ctx.dp.world)
+    for i in range(0, per_rank, size):          # at most val_batch_size prompts in flight; as many calls per rank
+        samples += await generate(ctx, mine[i:i + size], sp, step=-1, first=first + i, desc="validate")
     score_samples(samples, ctx.reward_fn, ctx.cfg.reward.timeout_s)
     samples = ctx.dp.gather(samples)
     m = reward_metrics(samples, prefix="val/")

@@ -470,6 +470,7 @@ def test_attach_to_a_running_server_leaves_it_running(fake_server):
 
 def test_server_dying_mid_request_is_a_clear_error(fake_server):
     engine = fake_server
+    engine.restarts_left = 0                 # rollout.server_restarts=0: no second chance, a clear error at once
 
     async def main():
         task = asyncio.ensure_future(engine.generate([1], SamplingParams(max_new_tokens=5000)))

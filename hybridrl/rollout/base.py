@@ -18,7 +18,15 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
+from hybridrl import HybridRLError
+
 TAGS = ("weights", "kv_cache")
+
+
+class EngineRestarted(HybridRLError):
+    """The engine's server died and was started again: it needs the weights pushed again (update_weights with
+    the current version), after which the requests it lost can be sent again. Raised by generate()."""
+
 
 # name -> "module:Class"; imported only when chosen, so `import hybridrl` never imports sglang.
 ENGINES = {

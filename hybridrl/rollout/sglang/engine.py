@@ -19,12 +19,14 @@ drives `hybridrl serve` (our native engine behind SGLang's HTTP subset), which C
 from __future__ import annotations
 
 import asyncio
+import functools
+import sys
 import uuid
 from dataclasses import replace
 from typing import Iterable, Sequence
 
 from hybridrl import HybridRLError
-from hybridrl.rollout.base import TAGS, GenerateOutput, SamplingParams
+from hybridrl.rollout.base import TAGS, EngineRestarted, GenerateOutput, SamplingParams
 from hybridrl.rollout.sglang import compat
 from hybridrl.rollout.sglang import launch as launcher
 from hybridrl.rollout.sglang import transport as transports
@@ -48,11 +50,15 @@ def sampling_body(s: SamplingParams) -> dict:
 
 def parse_output(item: dict, default_version: int) -> GenerateOutput:
     """One /generate reply item → GenerateOutput (log-probs from meta_info.output_token_logprobs)."""
+    if not isinstance(item, dict):
+        raise TypeError(f"expected a JSON object per sample, got {type(item).__name__}")
     meta = item.get("meta_info", {})
     reason = meta.get("finish_reason") or {}
     kind = reason.get("type") if isinstance(reason, dict) else str(reason)
-    ids = list(item.get("output_ids", []))
+    ids = [int(t) for t in item.get("output_ids", [])]
     lps = [float(x[0]) if x[0] is not None else 0.0 for x in meta.get("output_token_logprobs") or []]
+    if len(lps) != len(ids):
+        raise ValueError(f"{len(ids)} output_ids but {len(lps)} output_token_logprobs")
     return GenerateOutput(output_ids=ids, logprobs=lps, finish_reason=FINISH.get(kind, "abort"),
                           prompt_tokens=int(meta.get("prompt_tokens", 0)),
                           completion_tokens=int(meta.get("completion_tokens", len(ids))),
@@ -77,6 +83,8 @@ class SGLangEngine:
         from hybridrl.parallel import DP
         self.url, self.process, self.model_path = url, process, model_path
         self.leader, self.dp = leader, dp or DP()     # a replica shared by ranks: only its leader controls it
+        self.relaunch, self.restarts_left = None, 0   # set by from_config for a server we launched
+        self.needs_weights, self.restarts = False, 0  # after a restart: no generation until a push
         self.api_version, self.native = compat.check_version(info)
         self.server_version = str(info.get("version"))
         self.tp_size, self.run_dir, self.update_timeout = tp_size, run_dir, update_timeout
@@ -110,8 +118,9 @@ class SGLangEngine:
             if dp.world > 1:
                 run_dir = os.path.join(run_dir, f"replica{rep.index}")
                 os.makedirs(run_dir, exist_ok=True)
-            process, url = launcher.launch(cfg, model_path, run_dir, launch_cmd, base_gpu_id=rep.base_gpu_id,
-                                           first_port=30000 + 50 * rep.index)
+            relaunch = functools.partial(launcher.launch, cfg, model_path, run_dir, launch_cmd,
+                                         base_gpu_id=rep.base_gpu_id, first_port=30000 + 50 * rep.index)
+            process, url = relaunch()
         if dp.world > 1 and not r.server_url:
             url = dp.gather([url])[rep.leader_rank]               # collective: every rank learns its server
         try:
@@ -120,6 +129,8 @@ class SGLangEngine:
             engine = cls(url, info, process=process, model_path=model_path, weight_sync=r.weight_sync,
                          tp_size=r.tensor_model_parallel_size, request_timeout=r.request_timeout,
                          update_timeout=max(r.request_timeout, 60.0), run_dir=run_dir, leader=rep.leader, dp=dp)
+            if process is not None:
+                engine.relaunch, engine.restarts_left = relaunch, r.server_restarts
             engine.transport.prepare()
             return engine
         except BaseException:
@@ -131,6 +142,8 @@ class SGLangEngine:
     async def generate(self, input_ids: list[int], sampling: SamplingParams,
                        request_id: str | None = None) -> list[GenerateOutput]:
         sampling.validate()
+        if self.needs_weights:
+            raise EngineRestarted(f"the rollout server at {self.url} was restarted and has no weights yet")
         rid = request_id or uuid.uuid4().hex
         if sampling.seed is not None and sampling.n > 1 and not self.native:
             # SGLang seeds by (seed, position): n parallel samples sharing one seed would be identical
@@ -142,8 +155,9 @@ class SGLangEngine:
             return [o for part in parts for o in part]
         body = {"input_ids": list(input_ids), "sampling_params": sampling_body(sampling),
                 "return_logprob": True, "rid": rid}
+        timeout = max(self.client.timeout, 0.1 * sampling.max_new_tokens)   # long requests get more (10 tok/s)
         try:
-            reply = await self._call("POST", "/generate", body, request_id=rid)
+            reply = await self._call("POST", "/generate", body, request_id=rid, timeout=timeout)
         except asyncio.CancelledError:
             await self._abort_quietly(rid)
             raise
@@ -151,7 +165,12 @@ class SGLangEngine:
             await self._abort_quietly(rid)
             raise
         items = reply if isinstance(reply, list) else [reply]
-        return [parse_output(item, self.weight_version) for item in items]
+        try:
+            return [parse_output(item, self.weight_version) for item in items]
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+            raise HybridRLError(f"the rollout server at {self.url} sent a /generate reply hybridrl cannot read "
+                                f"({type(e).__name__}: {e}): {str(reply)[:200]!r}; is it SGLang "
+                                f"{'.'.join(map(str, self.api_version))}?") from None
 
     async def abort(self, request_id: str | None = None) -> None:
         body = {"rid": "", "abort_all": True} if request_id is None else {"rid": request_id, "abort_all": False}
@@ -218,7 +237,8 @@ class SGLangEngine:
 
     async def update_weights(self, buckets: Iterable[Sequence[tuple[str, object]]], version: int) -> None:
         """Wake released weights, push every bucket with `version`, flush once, check the version, wake the KV cache.
-        Shared replica: the other ranks take part in the weight gathers, then wait until the leader is done."""
+        Shared replica: the other ranks take part in the weight gathers, then wait until the leader is done.
+        After a restart (EngineRestarted) this push is what makes the server usable again."""
         if not self.leader:
             for _ in buckets:                  # the gathers behind the buckets are collectives
                 pass
@@ -231,6 +251,7 @@ class SGLangEngine:
         await self._check_version(version)
         self.weight_version = version
         await self.wake(["kv_cache"])
+        self.needs_weights = False
         self.dp.barrier()
 
     async def post_weights(self, path: str, body: dict, label: str, retries: int = 1) -> None:
@@ -276,9 +297,43 @@ class SGLangEngine:
             raise                                   # the server answered, or is still working
         except HybridRLError as e:
             if self.process is not None and await asyncio.to_thread(self.process.exited_within, 3.0):
-                raise HybridRLError(f"{e}\nthe rollout server exited with code {self.process.proc.returncode}; "
-                                    f"last lines of {self.process.log_path}:\n{self.process.log_tail()}") from None
+                died = (f"the rollout server exited with code {self.process.proc.returncode}; "
+                        f"last lines of {self.process.log_path}:\n{self.process.log_tail()}")
+                if await self._restart(died):
+                    raise EngineRestarted(f"{e}\n{died}\nrestarted it at {self.url}") from None
+                raise HybridRLError(f"{e}\n{died}") from None
+            if self.needs_weights:                  # a request sent to the old server while we restarted
+                raise EngineRestarted(str(e)) from None
             raise
+
+    async def _restart(self, why: str) -> bool:
+        """Start our server again (rollout.server_restarts times per run); True when this or a concurrent call did.
+        The new server serves nothing until update_weights pushes the weights again."""
+        if self.relaunch is None:
+            return False
+        if self.needs_weights:                      # another request saw the same death and restarted it
+            return True
+        if self.restarts_left <= 0:
+            return False
+        self.restarts_left -= 1
+        self.needs_weights, self.restarts = True, self.restarts + 1
+        print(f"warning: {why.splitlines()[0]}; starting it again ({self.restarts_left} restarts left)",
+              file=sys.stderr, flush=True)
+        old = self.process
+        await asyncio.to_thread(old.stop)
+        try:
+            self.process, url = await asyncio.to_thread(self.relaunch)
+        except HybridRLError as e:
+            self.process = None
+            raise HybridRLError(f"{why}\nstarting it again failed: {e}") from None
+        await self.client.close()
+        self.url = url
+        self.client = HTTPClient(url, timeout=self.client.timeout, retries=self.client.retries,
+                                 backoff=self.client.backoff)
+        self._released.clear()                      # a fresh server holds all its memory
+        self.transport = transports.make_transport(self.weight_sync, self)   # an NCCL group is joined anew
+        self.transport.prepare()
+        return True
 
 
 def _gpu_index(cfg) -> int | None:

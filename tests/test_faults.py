@@ -1,0 +1,106 @@
+"""Fault injection on CPU against `hybridrl serve` (SGLang's HTTP API over the native engine): a server killed
+mid-rollout is restarted, gets the weights again, and only its lost prompts are sent again; malformed replies
+are clear errors. The rest of the fault suite lives beside the code it checks (see docs/errors.md):
+a server that accepts and never answers (tests/test_sglang_client.py::test_request_timeout_is_reported_and_the_request_aborted),
+a hanging reward (tests/test_rewards.py::test_score_samples_with_a_hanging_reward_times_out), a truncated newest
+checkpoint (tests/test_reliability.py::test_truncated_newest_checkpoint_falls_back_to_the_previous_one), two runs
+on one folder (tests/test_reliability.py::test_run_lock_between_processes_and_after_the_holder_dies), SIGINT
+mid-step (tests/test_signals.py).
+"""
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+import torch
+from aiohttp import web
+
+from hybridrl import HybridRLError
+from hybridrl.config import load_config
+
+SERVE = [sys.executable, "-m", "hybridrl.rollout.native.server"]
+
+
+def prompts(n):
+    from hybridrl.types import Sample
+    return [Sample(prompt_ids=[1, 5 + i, 9, 20 + i], index=i) for i in range(n)]
+
+
+def test_server_killed_mid_rollout_is_restarted_and_loses_no_sample(tiny_qwen2_dir, tiny_tok, tmp_path):
+    from hybridrl.rollout.base import SamplingParams
+    from hybridrl.rollout.sglang.engine import SGLangEngine
+    from hybridrl.step import RLContext, generate, sync_weights
+    from hybridrl.trainer.actor import Policy
+    cfg = load_config([f"model.path={tiny_qwen2_dir}", "rollout.name=sglang", "trainer.device=cpu",
+                       "rollout.server_start_timeout=60", f"trainer.default_local_dir={tmp_path}"])
+    actor = Policy(tiny_qwen2_dir, cfg.model, cfg.actor, torch.device("cpu"), 32)
+    engine = SGLangEngine.from_config(cfg, tiny_qwen2_dir, launch_cmd=SERVE, run_dir=str(tmp_path))
+    ctx = RLContext(cfg, engine, actor, tiny_tok, None)
+    sp = SamplingParams(max_new_tokens=48, temperature=1.0, n=2, seed=5, ignore_eos=True)
+    real_generate = engine.generate
+    finished = []
+
+    async def generate_then_kill(ids, sampling, request_id=None):   # kill the server after 3 prompts finished
+        out = await real_generate(ids, sampling, request_id)
+        finished.append(request_id)
+        if len(finished) == 3 and engine.restarts == 0:
+            os.killpg(engine.process.proc.pid, signal.SIGKILL)
+        return out
+
+    async def main():
+        await sync_weights(ctx)                                     # version 1
+        reference = await asyncio.wait_for(generate(ctx, prompts(10), sp, step=1, first=0), 120)
+        engine.generate = generate_then_kill
+        finished.clear()
+        got = await asyncio.wait_for(generate(ctx, prompts(10), sp, step=1, first=0), 180)
+        await engine.close()
+        return reference, got
+
+    reference, got = asyncio.run(main())
+    assert engine.restarts == 1 and engine.process is None          # closed after one restart
+    groups = [s.group for s in got]
+    assert sorted(groups) == sorted(list(range(10)) * 2)          # every sample once: none lost, none twice
+    assert all(s.weight_version == 1 for s in got)               # the restarted server got version 1 again
+    assert all(len(s.response_ids) == 48 for s in got)
+    # the re-sent prompts use the same seeds: the same tokens as without the kill
+    assert [s.response_ids for s in got] == [s.response_ids for s in reference]
+
+
+def test_malformed_replies_are_clear_errors():
+    from hybridrl.rollout.base import SamplingParams
+    from hybridrl.rollout.sglang.engine import SGLangEngine
+    replies = iter([web.Response(text="<html>oops</html>", content_type="text/html"),
+                    web.json_response({"output_ids": ["x"], "meta_info": {}}),
+                    web.json_response({"output_ids": [1, 2], "meta_info": {"output_token_logprobs": [[-1.0, 1, None]]}}),
+                    web.json_response([1, 2, 3])])
+
+    async def reply(request):
+        return next(replies)
+
+    async def main():
+        app = web.Application()
+        app.add_routes([web.post("/generate", reply)])
+        runner = web.AppRunner(app, shutdown_timeout=0.2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        engine = SGLangEngine(url, {"version": "0.5.17", "weight_version": "default"}, retries=0)
+        errors = []
+        for _ in range(4):
+            try:
+                await engine.generate([1], SamplingParams(max_new_tokens=2))
+            except HybridRLError as e:
+                errors.append(str(e))
+        await engine.close()
+        await runner.cleanup()
+        return errors
+
+    errors = asyncio.run(main())
+    assert len(errors) == 4 and all("reply hybridrl cannot read" in e and url_free(e) for e in errors)
+    assert "<html>" in errors[0] and "2 output_ids but 1 output_token_logprobs" in errors[2]
+
+
+def url_free(message: str) -> bool:
+    return "Traceback" not in message
