@@ -41,11 +41,18 @@ def test_server_killed_mid_rollout_is_restarted_and_loses_no_sample(tiny_qwen2_d
     real_generate = engine.generate
     finished = []
 
-    async def generate_then_kill(ids, sampling, request_id=None):   # kill the server after 3 prompts finished
+    killed = asyncio.Event()
+
+    async def generate_then_kill(ids, sampling, request_id=None):
+        """Prompts 0-4 go first; when 3 have finished the server is killed; prompts 5-9 are sent after that,
+        so they surely meet the dead server (and any of 0-4 still running dies with it)."""
+        if int(request_id.split("-p")[1]) >= 5 and engine.restarts == 0:
+            await killed.wait()
         out = await real_generate(ids, sampling, request_id)
         finished.append(request_id)
         if len(finished) == 3 and engine.restarts == 0:
             os.killpg(engine.process.proc.pid, signal.SIGKILL)
+            killed.set()
         return out
 
     async def main():

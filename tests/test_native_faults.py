@@ -235,3 +235,29 @@ def test_gpu_push_wakes_from_sleep_and_refuses_nan_on_device(tiny_qwen2_dir, wei
     asyncio.run(cycle())
     assert next(eng.runner.model.parameters()).device.type == "cuda" and eng.runner.kv is not None
     assert eng.weight_version == 1 and outputs(eng) == before
+
+
+def test_sleep_without_backup_frees_weights_and_a_full_push_equals_a_fresh_engine(tiny_qwen2_dir, weights, tmp_path):
+    """weights_backup=False (what training uses, as SGLang's release without a CPU copy): sleep frees the weights
+    with no copy; a push missing any weight is refused and nothing is served; a full push serves exactly what a
+    fresh engine loaded with those weights serves."""
+    from safetensors.torch import save_file
+    from hybridrl.testing import save_tiny_model
+    original, changed = weights
+    new = dict(original) | dict(changed)
+    fresh_dir = save_tiny_model(tmp_path / "fresh")
+    save_file({k: v.contiguous() for k, v in new.items()}, f"{fresh_dir}/model.safetensors")
+    expected = outputs(NativeEngine(fresh_dir, device="cpu", kv_cache_tokens=1024, max_num_seqs=8))
+    eng = NativeEngine(tiny_qwen2_dir, device="cpu", kv_cache_tokens=1024, max_num_seqs=8, weights_backup=False)
+    assert outputs(eng) != expected
+
+    async def cycle():
+        await eng.sleep()
+        assert all(p.numel() == 0 for p in eng.runner.model.parameters())      # freed, not copied
+        with pytest.raises(HybridRLError, match="push every weight after a sleep"):
+            await eng.update_weights([list(changed)], 1)                       # only layer 1
+        with pytest.raises(HybridRLError, match="asleep|inconsistent"):              # nothing served meanwhile
+            await eng.generate(PROMPTS[0], greedy())
+        await eng.update_weights([list(new.items())], 2)
+    asyncio.run(cycle())
+    assert eng.weight_version == 2 and outputs(eng) == expected

@@ -98,8 +98,11 @@ class NativeEngine:
     def __init__(self, model_path: str, *, device: str = "auto", dtype: str = "auto",
                  gpu_memory_utilization: float = 0.5, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  kv_block_size: int = 16, kv_cache_tokens: int | None = None, seed: int = 0, tokenizer=None,
-                 max_model_len: int | None = None, enforce_eager: bool = False):
+                 max_model_len: int | None = None, enforce_eager: bool = False, weights_backup: bool = True):
         self.device = resolve_device(device)
+        # sleep(["weights"]): True copies them to host memory (wake restores them); False frees them (SGLang's
+        # release without --enable-weights-cpu-backup), and only a push that holds every weight wakes them
+        self.weights_backup, self._discarded = weights_backup, False
         self.runner = ModelRunner(model_path, self.device, resolve_dtype(dtype, self.device),
                                   block_size=kv_block_size, max_model_len=max_model_len,
                                   use_cuda_graphs=not enforce_eager)
@@ -145,7 +148,8 @@ class NativeEngine:
         return cls(model_path, device=str(device), dtype=r.dtype if r.dtype != "auto" else cfg.model.dtype,
                    gpu_memory_utilization=r.gpu_memory_utilization, max_num_seqs=r.max_num_seqs,
                    max_num_batched_tokens=r.max_num_batched_tokens, kv_block_size=r.kv_block_size,
-                   kv_cache_tokens=kv_tokens, seed=r.seed, tokenizer=tokenizer, enforce_eager=r.enforce_eager)
+                   kv_cache_tokens=kv_tokens, seed=r.seed, tokenizer=tokenizer, enforce_eager=r.enforce_eager,
+                   weights_backup=False)     # training pushes every weight after each sleep: no host copy
 
     # ------------------------------------------------------------------ requests
     async def generate(self, input_ids: list[int], sampling: SamplingParams,
@@ -338,34 +342,47 @@ class NativeEngine:
     def _push(self, buckets) -> None:
         """Worker thread: check and copy the buckets as update_weights describes, then wake the KV cache."""
         model = self.runner.model
+        refill = self._discarded                     # the push must bring every weight back
+        if refill:
+            self._wake_weights()                     # storage first: the checks compare shapes
         whole = isinstance(buckets, (list, tuple))
         plans = [check_weights(model, b) for b in buckets] if whole else (check_weights(model, b) for b in buckets)
-        copied = 0
+        copied, touched = 0, set()
         for plan in plans:
             if plan:
                 self._wake_weights()
                 self._inconsistent = True            # until the last bucket is in
-                copy_weights(model, plan)
+                touched |= copy_weights(model, plan)
                 copied += len(plan)
         if not copied:
             raise HybridRLError("empty weight push: no tensors the model loads (an empty stream, or only ignored "
                                 "names); nothing changed. Send (hf_name, tensor) pairs such as "
                                 "('model.norm.weight', t)")
+        missing = sorted(set(dict(model.named_parameters())) - touched) if refill else []
+        if missing:
+            raise HybridRLError(f"the engine's weights were freed by sleep and this push lacks {len(missing)} of "
+                                f"them (e.g. {missing[0]}): push every weight after a sleep (nothing is served "
+                                "until then)")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._inconsistent = False
         self._wake_kv()
 
     async def sleep(self, tags: Seq[str] = TAGS) -> None:
-        """"kv_cache" frees the KV pool; "weights" moves the weights to host memory (GPU only)."""
+        """"kv_cache" frees the KV pool; "weights" moves the weights to host memory (GPU only), or with
+        weights_backup=False frees them (any device; the next push must hold every weight)."""
         tags = self._check_tags(tags)
         if "kv_cache" in tags and "kv_cache" not in self._asleep:
             busy = await self._drain(timeout=10.0)
             if busy:
                 raise HybridRLError(f"cannot free the KV cache with {busy} requests in flight; abort() them first")
             await self._in_worker(self.runner.free_kv)
-        if "weights" in tags and "weights" not in self._asleep and self.device.type == "cuda":
-            await self._in_worker(self.runner.move_weights, torch.device("cpu"))
+        if "weights" in tags and "weights" not in self._asleep:
+            if not self.weights_backup:
+                await self._in_worker(self.runner.discard_weights)
+                self._discarded = True
+            elif self.device.type == "cuda":
+                await self._in_worker(self.runner.move_weights, torch.device("cpu"))
         self._asleep |= set(tags)
 
     async def _drain(self, timeout: float) -> int:
@@ -387,7 +404,10 @@ class NativeEngine:
 
     def _wake_weights(self) -> None:
         if "weights" in self._asleep:
-            if self.device.type == "cuda":
+            if self._discarded:                  # fresh storage; generate() refuses until a full push fills it
+                self.runner.allocate_weights()
+                self._discarded, self._inconsistent = False, True
+            elif self.device.type == "cuda":
                 self.runner.move_weights(self.device)
             self._asleep.discard("weights")
 

@@ -44,6 +44,22 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def discard_weights(self) -> None:
+        """Free the weights' memory without a copy (SGLang's release without a CPU backup): the next push
+        refills them, into new storage (so captured graphs, which hold old addresses, are dropped)."""
+        self.graphs.clear()
+        self._shapes = [(p, tuple(p.shape)) for p in self.model.parameters()]
+        for p, _ in self._shapes:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def allocate_weights(self) -> None:
+        """Storage for discarded weights, uninitialised: only a complete push makes it usable."""
+        for p, shape in self._shapes:
+            p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
+        self._shapes = []
+
     def move_weights(self, device: torch.device) -> None:
         """Offload (device=cpu) or restore the weights; captured graphs hold old addresses, so drop them."""
         self.graphs.clear()

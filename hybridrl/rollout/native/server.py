@@ -350,7 +350,9 @@ def make_engine(cfg, factory: str = ""):
         module, fn = factory.split(":")
         return getattr(importlib.import_module(module), fn)(cfg)
     from hybridrl.rollout.native.engine import NativeEngine
-    return NativeEngine.from_config(cfg, model_path=cfg.model.path or None)
+    engine = NativeEngine.from_config(cfg, model_path=cfg.model.path or None)
+    engine.weights_backup = True     # a server may be woken without a push (as SGLang's --enable-weights-cpu-backup)
+    return engine
 
 
 def serve(cfg, host: str = "127.0.0.1", port: int = 30000, engine_factory: str = "") -> None:
