@@ -67,7 +67,8 @@ def run(backend: str, model_dir: str, data: str, reward: str, root: Path, args) 
     steady = rows[1:] or rows
     med = lambda k: statistics.median(r[k] for r in steady if k in r) if any(k in r for r in steady) else None
     keys = ["timing/step", "timing/gen", "timing/sleep", "timing/reward", "timing/old_log_prob", "timing/adv",
-            "timing/update", "timing/sync", "rollout/rollout_probs_diff_mean", "rollout/rollout_probs_diff_max",
+            "timing/update", "timing/sync", "timing/ref", "timing/collate", "timing/metrics", "timing/other",
+            "rollout/rollout_probs_diff_mean", "rollout/rollout_probs_diff_max",
             "rollout/rollout_logp_abs_diff_mean", "response_length/mean", "perf/gpu_peak_gb",
             "perf/gpu_held_during_rollout_gb", "perf/gpu_reserved_gb"]
     return {"backend": backend, "label": args.label, "wall_s": wall, "steps": len(rows), **{k: med(k) for k in keys}, "per_step": rows}

@@ -71,7 +71,8 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
         score_samples(samples, ctx.reward_fn, cfg.reward.timeout_s)
         everyone = ctx.dp.gather(samples)
         samples = ctx.dp.balance(everyone)
-    batch = collate(samples, pad_id=ctx.tokenizer.pad_token_id or 0)
+    with ctx.timer("collate"):
+        batch = collate(samples, pad_id=ctx.tokenizer.pad_token_id or 0)
     baseline = (torch.tensor([s.baseline for s in samples], dtype=torch.float32)
                 if cfg.algorithm.adv_estimator == "remax" else None)
     mask = batch.response_mask
@@ -116,9 +117,11 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
         await sync_weights(ctx)
 
     # 8. metrics: this rank's, averaged over ranks; rewards, lengths and staleness over all samples
-    metrics.update(step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg))
+    with ctx.timer("metrics"):
+        metrics.update(step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg))
     metrics.update({f"timing/{k}": v for k, v in ctx.timing.items()})
     metrics["timing/step"] = time.perf_counter() - t0
+    metrics["timing/other"] = metrics["timing/step"] - sum(ctx.timing.values())   # what no timer covers
     metrics.update(memory_metrics(held_during_rollout))
     metrics = ctx.dp.mean_metrics(metrics)
     metrics.update(sample_metrics(everyone))
