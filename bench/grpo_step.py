@@ -32,11 +32,13 @@ def make_inputs(root: Path, size: str, n_prompts: int) -> tuple[str, str, str]:
     from hybridrl.data import write_rows
     from hybridrl.models import qwen25_shape_config, qwen25_tokenizer
     model_dir = root / f"qwen25_{size}"
-    if not (model_dir / "config.json").exists():
+    if not (model_dir / "tokenizer_config.json").exists():     # the tokenizer is written last
         torch.manual_seed(0)
         cfg = Qwen2Config(**qwen25_shape_config(size))
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):   # random init of 7B: seconds on a GPU
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
         model.save_pretrained(model_dir, safe_serialization=True)
+        del model
         qwen25_tokenizer().save_pretrained(model_dir)
     rng = random.Random(0)
     rows = [{"prompt": [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(110))}],

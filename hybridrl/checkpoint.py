@@ -150,9 +150,9 @@ def _dcp_save(sharded: dict, path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     try:
         dcp.save(sharded, checkpoint_id=str(path))
-    except OSError:
+    except (OSError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # noqa: BLE001 - DCP wraps a rank's OSError in its own exception type
+    except BaseException as e:  # noqa: BLE001 - DCP wraps a rank's OSError in CheckpointException (a BaseException)
         if "No space left" in str(e) or "Errno" in str(e):
             raise OSError(errno.ENOSPC if "No space left" in str(e) else errno.EIO, str(e)[:300]) from None
         raise

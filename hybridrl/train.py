@@ -3,12 +3,19 @@
     hybridrl train                                   # the embedded default: GRPO on SmolLM2-135M, CPU-sized
     hybridrl train algorithm.adv_estimator=gae ...   # PPO with a critic
     python -m hybridrl.main_ppo data.train_files=... actor_rollout_ref.rollout.name=sglang ...
+
+Ctrl-C (SIGINT) or SIGTERM stops gracefully: the step in progress finishes, a checkpoint is saved, the process
+exits with 130 / 143 and says how to resume; a second signal stops at once (see `GracefulStop`).
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import random
+import shlex
+import signal
+import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -58,11 +65,143 @@ class PromptLoader:
         self.epoch, self.pos = s["epoch"], s["pos"]
 
 
+class Stopped(SystemExit):
+    """Training stopped on a signal after saving a checkpoint. Its exit code is 128 + the signal: 130 for SIGINT,
+    143 for SIGTERM. A SystemExit (not a KeyboardInterrupt) so that `hybridrl train` (cli.main, which turns only
+    HybridRLError and KeyboardInterrupt into codes) ends with that code and no traceback, as argparse's errors do."""
+
+    def __init__(self, signum: int, step: int | None, checkpoint: str | None):
+        super().__init__(128 + int(signum))
+        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+
+    def __str__(self) -> str:
+        return f"stopped on {signal.Signals(self.signum).name} after step {self.step}; checkpoint {self.checkpoint}"
+
+
+_TERM_VOTE = 2 ** 20      # a rank's vote at the safe point: 0 go on, 1 stop (SIGINT), _TERM_VOTE stop (SIGTERM)
+
+
+class GracefulStop:
+    """The first SIGINT / SIGTERM during the training loop asks to stop: the step in progress finishes, and at the
+    safe point after its metrics are logged `agreed()` (a collective: every rank stops at the same step) says to
+    save a checkpoint and stop. A second signal raises KeyboardInterrupt at once (checkpoints are written to a
+    temporary folder and renamed, so an interrupted save leaves only a `.tmp_*` folder that resume ignores).
+
+    requests: the signals handled -> the stop they ask for (SIGINT or SIGTERM). In a process of its own that is
+    {SIGINT: SIGINT, SIGTERM: SIGTERM}. In a rank started by `hybridrl train trainer.n_gpus_per_node=N`
+    (launch.launch_local) the launcher handles SIGINT/SIGTERM and forwards the first one as SIGUSR1 (SIGINT) or
+    SIGUSR2 (SIGTERM); the rank ignores a SIGINT of its own while the launcher lives (Ctrl-C in a terminal reaches
+    every process of the group, and the launcher forwards it), and keeps SIGTERM's default action, which is how
+    the launcher stops ranks at once (a second signal, or another rank's failure).
+    ready_file: written with this process's id once the handlers are in place (the launcher forwards only to ranks
+    that wrote it), removed before they are taken down.
+    enabled=False: no handlers and no collective (ranks of torchrun or Ray: their launcher's own handling applies).
+    Handlers are installed only in the main thread and `restore()` puts back the previous ones."""
+
+    def __init__(self, requests: dict | None = None, ready_file: Path | None = None, ignore_sigint: bool = False,
+                 enabled: bool = True):
+        self.requests = dict(requests or {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM})
+        self.ready_file, self.ignore_sigint, self.enabled = ready_file, ignore_sigint, enabled
+        self.signum: int | None = None       # the stop asked for on this rank
+        self.interrupted = False             # a second signal came: stopping at once
+        self.step: int | None = None         # the step in progress
+        self.verbose, self._saved, self._ppid = True, {}, None
+
+    @classmethod
+    def for_this_process(cls) -> "GracefulStop":
+        """SIGINT/SIGTERM handled here, unless a launcher we did not start (torchrun, Ray) runs this rank."""
+        from hybridrl import launch
+        return cls(enabled=not launch.under_launcher())
+
+    @classmethod
+    def for_launched_rank(cls, ready_file: Path) -> "GracefulStop":
+        return cls({signal.SIGUSR1: signal.SIGINT, signal.SIGUSR2: signal.SIGTERM}, ready_file, ignore_sigint=True)
+
+    def install(self, verbose: bool = True) -> None:
+        self.verbose = verbose
+        if not self.enabled or self._saved or threading.current_thread() is not threading.main_thread():
+            return
+        self._ppid = os.getppid()
+        for sig in self.requests:
+            self._saved[sig] = signal.signal(sig, self._handle)
+        if self.ignore_sigint:
+            self._saved[signal.SIGINT] = signal.signal(signal.SIGINT, self._sigint_in_rank)
+        if self.ready_file is not None:
+            tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
+            tmp.write_text(str(os.getpid()))
+            os.replace(tmp, self.ready_file)
+
+    def restore(self) -> None:
+        """Put the previous handlers back (idempotent). A launched rank ignores SIGUSR1/2 from then on: it is about
+        to exit, and a late forward must not kill it."""
+        if not self._saved:
+            return
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        for sig, old in self._saved.items():
+            launched = self.ready_file is not None and sig in self.requests and old in (signal.SIG_DFL, None)
+            signal.signal(sig, signal.SIG_IGN if launched else (old if old is not None else signal.SIG_DFL))
+        self._saved = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.interrupted = True
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping at once")
+        self.signum = self.requests[signum]
+        if self.verbose:
+            _say(f"\nhybridrl: stopping after step {self.step} (a checkpoint is being saved); "
+                 "press Ctrl-C again to stop at once\n")
+
+    def _sigint_in_rank(self, signum, frame) -> None:
+        if os.getppid() == self._ppid:
+            return                  # the launcher got this Ctrl-C too, and forwards it as SIGUSR1
+        raise KeyboardInterrupt("the launcher is gone")
+
+    def agreed(self, dp) -> int | None:
+        """At the safe point, on every rank (collective when dp.world > 1): the signal to stop on, or None.
+        Any rank that was asked stops them all; SIGTERM wins over SIGINT."""
+        if not self.enabled:
+            return None
+        mine = {None: 0, signal.SIGINT: 1}.get(self.signum, _TERM_VOTE)
+        votes = dp.sum(mine)
+        if votes <= 0:
+            return None
+        return signal.SIGTERM if votes >= _TERM_VOTE else signal.SIGINT
+
+
+def _say(text: str) -> None:
+    """Write from a signal handler: straight to the file descriptor (a buffered write could be re-entered)."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError, AttributeError):
+        try:
+            sys.stderr.write(text)
+        except Exception:  # noqa: BLE001 - nothing left to tell
+            pass
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command that continues this run: the same arguments with trainer.resume_mode=auto."""
+    argv = list(sys.argv if argv is None else argv)
+    name = Path(argv[0]).name if argv else ""
+    if name in ("hybridrl", "cli.py", "__main__.py") and argv[1:2] == ["train"]:
+        head, rest = ["hybridrl", "train"], argv[2:]
+    elif name == "main_ppo.py":
+        head, rest = ["python", "-m", "hybridrl.main_ppo"], argv[1:]
+    else:
+        return "hybridrl train ... trainer.resume_mode=auto (the same config and trainer.default_local_dir)"
+    rest = [a for a in rest if not a.lstrip("+").startswith("trainer.resume_mode=")]
+    return shlex.join(head + rest + ["trainer.resume_mode=auto"])
+
+
 def train(cfg: Config) -> dict:
     """Run training; returns the paths of the run folder, metrics, plot, last checkpoint and export.
 
     More than one rank (trainer.n_gpus_per_node x trainer.nnodes) and not yet inside a launched rank: start
-    them (hybridrl/launch.py: torch's elastic launcher on one node, Ray on several) and return rank 0's result."""
+    them (hybridrl/launch.py: torch's elastic launcher on one node, Ray on several) and return rank 0's result.
+
+    SIGINT / SIGTERM during the loop: raises `Stopped` (exit code 130 / 143) after the step in progress and a
+    checkpoint (see `run`); on several ranks started here, SIGINT/SIGTERM go to this launcher process."""
     from hybridrl import launch
     if launch.under_launcher():
         launch.check_world(cfg)
@@ -74,16 +213,23 @@ def train(cfg: Config) -> dict:
     return asyncio.run(train_async(cfg))
 
 
-async def train_async(cfg: Config) -> dict:
+async def train_async(cfg: Config, stop: GracefulStop | None = None) -> dict:
+    """stop: how signals stop the loop; by default SIGINT/SIGTERM, unless torchrun or Ray started this rank."""
     run_dir = Path(cfg.trainer.default_local_dir)
+    stop = stop if stop is not None else GracefulStop.for_this_process()
     if int(os.environ.get("RANK", "0")) != 0:   # a torchrun / Ray rank other than 0: rank 0 holds the lock
-        return await run(cfg, run_dir)
+        return await run(cfg, run_dir, stop)
     ckpt.check_writable(run_dir)
     with ckpt.run_lock(run_dir):           # one run per folder: a second one is refused, naming this PID
-        return await run(cfg, run_dir)
+        return await run(cfg, run_dir, stop)
 
 
-async def run(cfg: Config, run_dir: Path) -> dict:
+async def run(cfg: Config, run_dir: Path, stop: GracefulStop | None = None) -> dict:
+    """Load, train, checkpoint, export. A signal during the loop (`GracefulStop`) finishes the step in progress;
+    after its metrics are logged every rank saves a checkpoint (unless it just did), the engines and the tracker
+    are closed, the plot is drawn but the export is skipped (a stopped run is not finished: it is exported when a
+    resumed run reaches the last step, and `hybridrl merge` makes one from the checkpoint), and `Stopped` is
+    raised, after rank 0 printed the checkpoint and the command that resumes from it."""
     from hybridrl.devices import resolve_device
     from hybridrl.parallel import DP
     from hybridrl.trainer.actor import Critic, Policy
@@ -113,33 +259,62 @@ async def run(cfg: Config, run_dir: Path) -> dict:
                             f"(trainer.resume_mode={cfg.trainer.resume_mode}): use a new trainer.experiment_name "
                             "or trainer.default_local_dir, or trainer.resume_mode=auto to continue it")
     ctx.engine = engine_class(cfg.rollout.name).from_config(cfg, model_path=model_path)   # one per rank
-    tracker, last_ckpt = None, None
+    stop = stop if stop is not None else GracefulStop(enabled=False)
+    tracker, last_ckpt, stopped_on, step = None, None, None, start
     try:
-        if dp.is_main:                                # rank 0 writes the logs
-            tracker = Tracker(cfg.trainer.logger, run_dir, asdict(cfg), cfg.trainer.project_name,
-                              cfg.trainer.experiment_name, resume_step=start)
-        log = tracker.log if tracker is not None else (lambda metrics, step: None)
-        await sync_weights(ctx)                       # the engine may start from dummy weights
-        if cfg.trainer.val_before_train and start == 0 and val_prompts:
-            log(await validate(ctx, val_prompts), 0)
-        for step in tqdm(range(start + 1, total + 1), desc="train", unit="step", initial=start, total=total,
-                         disable=not dp.is_main):
-            metrics = await rl_step(ctx, loader.next(), step)
-            if dp.is_main:
-                warn_step(metrics, step, cfg.algorithm.adv_estimator)
-            last = step == total
-            if val_prompts and ((cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0) or last):
-                metrics.update(await validate(ctx, val_prompts))
-            log(metrics, step)
-            if (cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0) or last:
-                last_ckpt = save_checkpoint(cfg, run_dir, step, ctx, loader)
-    finally:
         try:
-            await ctx.engine.close()
+            if dp.is_main:                                # rank 0 writes the logs
+                tracker = Tracker(cfg.trainer.logger, run_dir, asdict(cfg), cfg.trainer.project_name,
+                                  cfg.trainer.experiment_name, resume_step=start)
+            log = tracker.log if tracker is not None else (lambda metrics, step: None)
+            await sync_weights(ctx)                       # the engine may start from dummy weights
+            if cfg.trainer.val_before_train and start == 0 and val_prompts:
+                log(await validate(ctx, val_prompts), 0)
+            stop.step = start + 1
+            stop.install(verbose=dp.is_main)              # from here a signal finishes the step (GracefulStop)
+            for step in tqdm(range(start + 1, total + 1), desc="train", unit="step", initial=start, total=total,
+                             disable=not dp.is_main):
+                stop.step = step
+                metrics = await rl_step(ctx, loader.next(), step)
+                if dp.is_main:
+                    warn_step(metrics, step, cfg.algorithm.adv_estimator)
+                last = step == total
+                if val_prompts and ((cfg.trainer.test_freq > 0 and step % cfg.trainer.test_freq == 0) or last):
+                    metrics.update(await validate(ctx, val_prompts))
+                log(metrics, step)
+                saved = (cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0) or last
+                if saved:
+                    last_ckpt = save_checkpoint(cfg, run_dir, step, ctx, loader)
+                stopped_on = stop.agreed(dp)              # the safe point: every rank stops at the same step
+                if stopped_on is not None:
+                    if not saved:
+                        last_ckpt = save_checkpoint(cfg, run_dir, step, ctx, loader)
+                    break
         finally:
-            if tracker is not None:
-                tracker.close()
-    return finish(run_dir, ctx, last_ckpt)
+            try:
+                await ctx.engine.close()
+            finally:
+                if tracker is not None:
+                    tracker.close()
+        if stopped_on is None and step > start:           # a signal while the engine closed, after the last step
+            stopped_on = stop.agreed(dp)
+        if stopped_on is None:
+            stop.restore()                                # the run is done: Ctrl-C now interrupts the export
+            return finish(run_dir, ctx, last_ckpt)
+        finish(run_dir, ctx, last_ckpt, export=False)
+        if dp.is_main:
+            where = f"checkpoint: {last_ckpt}" if last_ckpt is not None else "no checkpoint"
+            print(f"hybridrl: stopped after step {step} ({signal.Signals(stopped_on).name}); {where}\n"
+                  f"hybridrl: to continue from it: {resume_command()}", file=sys.stderr, flush=True)
+        raise Stopped(stopped_on, step, str(last_ckpt) if last_ckpt is not None else None)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:   # DCP's save wraps the second signal's KeyboardInterrupt in a CheckpointException
+        if stop.interrupted:     # (a BaseException): it is still the user's stop-at-once
+            raise KeyboardInterrupt(f"second signal: stopped at once ({type(e).__name__})") from None
+        raise
+    finally:
+        stop.restore()
 
 
 def load_inputs(cfg: Config):
@@ -252,16 +427,18 @@ def save_checkpoint(cfg: Config, run_dir: Path, step: int, ctx: RLContext, loade
                      sharded=sharded_state(ctx), dp=ctx.dp, write_files=hf_files)
 
 
-def finish(run_dir: Path, ctx: RLContext, last_ckpt: Path | None) -> dict:
+def finish(run_dir: Path, ctx: RLContext, last_ckpt: Path | None, export: bool = True) -> dict:
     """Export the actor and draw the plot; a failure here is reported, never fatal (the checkpoint is saved).
-    The export gathers the weights on every rank (collective); rank 0 writes them and the plot."""
+    The export gathers the weights on every rank (collective); rank 0 writes them and the plot.
+    export=False (a run stopped by a signal): the plot only, on every rank alike."""
     out = {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "checkpoint": str(last_ckpt)}
-    weights = {name: t.cpu() for name, t in ctx.actor.named_weights()}   # every rank takes part in the gathers
+    weights = ({name: t.cpu() for name, t in ctx.actor.named_weights()}   # every rank takes part in the gathers
+               if export else None)
     if not ctx.dp.is_main:
         return out
-    for key, make in (("export", lambda: ckpt.export_hf(weights, ctx.actor.model.config, ctx.tokenizer,
-                                                        run_dir / "actor_hf")),
-                      ("plot", lambda: plot_run(run_dir / "metrics.jsonl", run_dir / "reward_curve.png"))):
+    steps = (("export", lambda: ckpt.export_hf(weights, ctx.actor.model.config, ctx.tokenizer,
+                                               run_dir / "actor_hf")),) if export else ()
+    for key, make in steps + (("plot", lambda: plot_run(run_dir / "metrics.jsonl", run_dir / "reward_curve.png")),):
         try:
             out[key] = str(make())
         except Exception as e:  # noqa: BLE001 - the run is done; say what is missing and go on
