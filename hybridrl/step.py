@@ -132,6 +132,10 @@ async def rl_step(ctx: RLContext, prompts: list[Sample], step: int) -> dict:
     return metrics
 
 
+class RolloutFailed(HybridRLError):
+    """A rollout that restarts of its server could not finish; nothing was trained in that step."""
+
+
 async def generate(ctx: RLContext, prompts: list[Sample], sampling: SamplingParams, step: int, first: int,
                    desc: str = "rollout", attempts: int = 3) -> list[Sample]:
     """rollout() that survives a rollout server restart: the finished prompts' samples are kept, the weights
@@ -146,14 +150,18 @@ async def generate(ctx: RLContext, prompts: list[Sample], sampling: SamplingPara
             todo, why = [], ""
         except RolloutIncomplete as e:
             done, todo, why = done + e.samples, e.unfinished, str(e)
+        except RolloutFailed:
+            raise
+        except HybridRLError as e:                      # a server gone for good, or a request it refused
+            raise RolloutFailed(f"the rollout failed: {e}") from None
         if ctx.dp.sum(len(todo)) == 0:
             return sorted(done, key=lambda s: s.group)          # groups in prompt order, as without a restart
         if attempt == attempts:
             break
         buckets = bucketize(ctx.actor.named_weights(), ctx.cfg.rollout.update_weights_bucket_megabytes)
         await ctx.engine.update_weights(buckets, ctx.version)   # the restarted server gets the current weights
-    raise HybridRLError(f"the rollout could not finish after {attempts} server restarts ({why or 'another rank'}); "
-                        "the last checkpoint is intact; check the server log in the run folder")
+    raise RolloutFailed(f"the rollout could not finish after {attempts} server restarts ({why or 'another rank'}); "
+                        "check the server log in the run folder")
 
 
 async def remax_baseline(ctx: RLContext, prompts: list[Sample], samples: list[Sample], step: int,

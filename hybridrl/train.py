@@ -27,7 +27,7 @@ from hybridrl import checkpoint as ckpt
 from hybridrl.config import Config
 from hybridrl.rollout.base import SamplingParams, engine_class
 from hybridrl.rewards import score_samples
-from hybridrl.step import RLContext, generate, reward_metrics, rl_step, sync_weights
+from hybridrl.step import RLContext, RolloutFailed, generate, reward_metrics, rl_step, sync_weights
 from hybridrl.tracking import Tracker, plot_run
 from hybridrl.types import Sample
 
@@ -275,7 +275,12 @@ async def run(cfg: Config, run_dir: Path, stop: GracefulStop | None = None) -> d
             for step in tqdm(range(start + 1, total + 1), desc="train", unit="step", initial=start, total=total,
                              disable=not dp.is_main):
                 stop.step = step
-                metrics = await rl_step(ctx, loader.next(), step)
+                before = loader.state()
+                try:
+                    metrics = await rl_step(ctx, loader.next(), step)
+                except RolloutFailed as e:                # nothing was trained this step: keep what the run has
+                    raise HybridRLError(f"{e}; {save_before_failure(cfg, run_dir, step, ctx, loader, before)}") \
+                        from None
                 if dp.is_main:
                     warn_step(metrics, step, cfg.algorithm.adv_estimator)
                 last = step == total
@@ -425,6 +430,20 @@ def save_checkpoint(cfg: Config, run_dir: Path, step: int, ctx: RLContext, loade
 
     return ckpt.save(run_dir, step, trainer_state, state, keep=cfg.trainer.max_actor_ckpt_to_keep,
                      sharded=sharded_state(ctx), dp=ctx.dp, write_files=hf_files)
+
+
+def save_before_failure(cfg: Config, run_dir: Path, step: int, ctx: RLContext, loader: PromptLoader,
+                        loader_state: dict) -> str:
+    """The rollout of `step` failed before any update: checkpoint the end of step - 1 (the loader put back),
+    so `trainer.resume_mode=auto` redoes exactly this step. -> what was kept, for the error message."""
+    done = step - 1
+    if done < 1:
+        return "no step had finished, so there is no checkpoint"
+    if any(ckpt.step_of(p) == done for p in ckpt.list_checkpoints(run_dir)):
+        return f"the checkpoint of step {done} is intact; resume with trainer.resume_mode=auto"
+    loader.load(loader_state)
+    path = save_checkpoint(cfg, run_dir, done, ctx, loader)
+    return f"saved the checkpoint of step {done} at {path}; resume with trainer.resume_mode=auto"
 
 
 def finish(run_dir: Path, ctx: RLContext, last_ckpt: Path | None, export: bool = True) -> dict:

@@ -111,3 +111,36 @@ def test_malformed_replies_are_clear_errors():
 
 def url_free(message: str) -> bool:
     return "Traceback" not in message
+
+
+def test_a_rollout_that_cannot_finish_keeps_the_last_finished_step(tmp_path, tiny_qwen2_dir, monkeypatch):
+    """The rollout of step 3 fails for good (its server cannot be brought back): the run stops with an error
+    that says the checkpoint of step 2 was saved (save_freq=-1 had saved none), and resume redoes step 3."""
+    import json
+    from hybridrl.rollout.native.engine import NativeEngine
+    from hybridrl.train import train
+    rows = [{"prompt": [{"role": "user", "content": f"Say {i}."}], "data_source": "toy",
+             "reward_model": {"ground_truth": str(i)}} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "r.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                                   "    return (len(solution_str) % 3) / 2\n")
+    run = tmp_path / "run"
+    over = [f"model.path={tiny_qwen2_dir}", f"data.train_files=[{tmp_path}/train.jsonl]",
+            f"reward.custom_path={tmp_path}/r.py", "data.train_batch_size=4", "actor.ppo_mini_batch_size=2",
+            "rollout.n=2", "rollout.response_length=8", "trainer.device=cpu", "trainer.val_before_train=false",
+            "trainer.logger=[jsonl]", "trainer.total_training_steps=4", f"trainer.default_local_dir={run}",
+            "rollout.kv_block_size=16"]
+    real = NativeEngine.generate
+
+    async def dies_at_step_3(self, input_ids, sampling, request_id=None):
+        if request_id and request_id.startswith("s3-"):
+            raise HybridRLError("POST http://127.0.0.1:30000/generate failed after 4 attempts: connection refused")
+        return await real(self, input_ids, sampling, request_id)
+
+    monkeypatch.setattr(NativeEngine, "generate", dies_at_step_3)
+    with pytest.raises(HybridRLError, match="rollout failed.*saved the checkpoint of step 2 at .*step_000002"):
+        train(load_config(over))
+    monkeypatch.undo()
+    train(load_config(over))                                       # resume_mode=auto: step 3 again, then 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
