@@ -8,6 +8,7 @@
     hybridrl prepare-data reasoning-gym --task NAME --size N --out DIR [--seed S] [--val-size M]
     hybridrl prepare-model smollm2 --out DIR
     hybridrl config show [--config FILE] [--comments] [key=value ...]
+    hybridrl bench [--size 0.5B ...] [--rows ...] [--steps 5] [--out PATH] [--smoke] [key=value ...]
 
 Each handler imports its module when it runs, so `hybridrl config show` never imports torch.
 A `HybridRLError` prints as `error: <message>` with exit code 2 and no stack trace.
@@ -80,6 +81,11 @@ def cmd_merge(args) -> None:
     print(f"wrote {checkpoint.merge(args.checkpoint, args.out)}")
 
 
+def cmd_bench(args) -> None:
+    from hybridrl import bench
+    bench.main(args)
+
+
 def _get(cfg, key: str):
     for part in key.split("."):
         cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
@@ -137,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint folder: .../checkpoints/step_N")
     merge.add_argument("--out", required=True, metavar="DIR", help="the new Hugging Face folder (must not hold files)")
     merge.set_defaults(fn=cmd_merge)
+
+    bench = sub.add_parser("bench", help="hybridrl's GRPO step beside TRL, SGLang and HF generate, one table",
+                           description="Run the standard GRPO workload row by row (each in its own subprocess) and "
+                                       "write <out>.md, <out>.json and <out>.png; see docs/benchmarks/README.md")
+    bench.add_argument("--size", nargs="+", default=["0.5B"], help="Qwen2.5 shapes: 0.5B 1.5B 7B")
+    bench.add_argument("--rows", nargs="+", default=["hybridrl-sglang", "hybridrl-native", "trl", "sglang-generate",
+                                                     "hf-generate", "ceilings"], help="rows to run, in this order")
+    bench.add_argument("--steps", type=int, default=None,
+                       help="GRPO steps per step row, the first a warm-up (default 5; --smoke: 2)")
+    bench.add_argument("--out", default="docs/benchmarks/bench", help="writes OUT.md, OUT.json, OUT.png")
+    bench.add_argument("--smoke", action="store_true", help="CPU-sized: tiny model, 4 prompts x 2, 8 tokens, 2 steps")
+    bench.add_argument("--root", default=None, help="model folder, prompts, run folders, row logs "
+                                                    "(default /tmp/hybridrl_bench; --smoke: OUT_work)")
+    bench.add_argument("--budget-s", type=float, default=0, help="stop starting rows after this many seconds (0: none)")
+    bench.add_argument("--timeout", type=float, default=0, help="seconds per row (0: each row's own default)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="for the hybridrl rows and SGLang's server")
+    bench.set_defaults(fn=cmd_bench, config=None, config_name=None, config_path=None)
 
     config = sub.add_parser("config", help="inspect the configuration")
     csub = config.add_subparsers(dest="action", required=True, metavar="ACTION")
