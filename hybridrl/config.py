@@ -138,6 +138,33 @@ class ModelConfig:
 
 
 @dataclass
+class MultiTurn:
+    enable: bool = f(False, "multi-turn rollout with tools (hybridrl/rollout/multiturn.py)")
+    tool_config_path: str = f("", "YAML listing the tools in verl's format (tools: [{class_name, config, tool_schema}])")
+    max_assistant_turns: int = f(-1, "model turns per sample (-1 = no cap: rollout.response_length ends it)")
+    max_user_turns: int = f(-1, "tool / user turns per sample (-1 = no cap)")
+    max_parallel_calls: int = f(1, "tool calls run per model turn; more get an error message")
+    max_tool_response_length: int = f(256, "characters of a tool's output kept")
+    tool_response_truncate_side: str = f("middle", "left | right | middle")
+    tool_timeout_s: float = f(30.0, "seconds one tool call may take")
+    format: str = f("hermes", "tool-call format: hermes | llama3_json | function_tag")
+    tokenization_sanity_check_mode: str = f("strict", "strict | ignore_strippable | disable: re-template the whole "
+                                            "conversation and count mismatches (rollout/tokenization_mismatch)")
+    _section: ClassVar[str] = "rollout.multi_turn"
+
+    def __post_init__(self):
+        self.tool_config_path = _expand(self.tool_config_path)
+        _check(self, ge1=("max_parallel_calls", "max_tool_response_length"), gt0=("tool_timeout_s",),
+               opt=("max_assistant_turns", "max_user_turns"),
+               choices={"tool_response_truncate_side": ("left", "right", "middle"),
+                        "format": ("hermes", "llama3_json", "function_tag"),
+                        "tokenization_sanity_check_mode": ("strict", "ignore_strippable", "disable")})
+        if self.enable and not self.tool_config_path:
+            warn("rollout.multi_turn.enable=true without rollout.multi_turn.tool_config_path: no tools, so each "
+                 "sample is one model turn")
+
+
+@dataclass
 class ValKwargs:
     temperature: float = f(0.0, "validation sampling temperature (0 = greedy)")
     top_k: int = f(-1, "validation top-k (-1 = off)")
@@ -188,6 +215,7 @@ class RolloutConfig:
     server_restarts: int = f(2, "sglang: times a launched server that dies is started again within a run (the "
                              "weights are pushed again and only the lost requests re-sent); 0 = fail at once")
     val_kwargs: ValKwargs = field(default_factory=ValKwargs, metadata={"help": "sampling used in validation"})
+    multi_turn: MultiTurn = field(default_factory=MultiTurn, metadata={"help": "multi-turn rollout with tools (verl's keys)"})
     _section: ClassVar[str] = "rollout"
 
     def __post_init__(self):

@@ -94,6 +94,9 @@ ACCEPTED: dict[str, tuple | None] = {
     "actor_rollout_ref.model.use_fused_kernels": (False,),
     "actor_rollout_ref.rollout.mode": ("sync",),
     "actor_rollout_ref.rollout.calculate_log_probs": (True,),   # log-probs of sampled tokens always come back
+    "actor_rollout_ref.rollout.multi_turn.interaction_config_path": (None, ""),   # interactions: not yet
+    "actor_rollout_ref.rollout.multi_turn.use_inference_chat_template": (False,),
+    "actor_rollout_ref.rollout.multi_turn.num_repeat_rollouts": (None,),
     "actor_rollout_ref.rollout.do_sample": (True,),
     "actor_rollout_ref.rollout.enable_chunked_prefill": (True,),
     "actor_rollout_ref.rollout.enable_prefix_caching": (True,),
@@ -103,7 +106,6 @@ ACCEPTED: dict[str, tuple | None] = {
     "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz": (False,),
     "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu": ANY,
     "actor_rollout_ref.rollout.logprobs_mode": (),
-    "actor_rollout_ref.rollout.multi_turn.enable": (False,),
     "actor_rollout_ref.rollout.agent.num_workers": ANY,
     "actor_rollout_ref.ref.log_prob_micro_batch_size": (None,),
     "actor_rollout_ref.ref.log_prob_use_dynamic_bsz": (False,),
@@ -136,7 +138,7 @@ ACCEPTED: dict[str, tuple | None] = {
 }
 
 # whole verl subtrees accepted with a warning (Ray start-up, Hydra's own settings, ...)
-ACCEPTED_PREFIXES = ("ray_init.", "ray_kwargs.", "hydra.", "actor_rollout_ref.rollout.multi_turn.",
+ACCEPTED_PREFIXES = ("ray_init.", "ray_kwargs.", "hydra.",
                      "actor_rollout_ref.rollout.agent.", "actor_rollout_ref.actor.profiler.",
                      "global_profiler.", "reward_model.")
 

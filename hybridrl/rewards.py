@@ -204,7 +204,7 @@ def score_samples(samples: list, reward_fn: Callable, timeout_s: float = 60.0, w
     calls = [(s.data_source, s.response_text, s.ground_truth, s.extra_info) for s in samples]
     for s, out in zip(samples, score_calls(calls, reward_fn, timeout_s, workers)):
         s.reward = out["score"]
-        s.reward_extra = {k: v for k, v in out.items() if k != "score"}
+        s.reward_extra = {**s.reward_extra, **{k: v for k, v in out.items() if k != "score"}}   # keeps the rollout's (tool stats)
 
 
 def score_calls(calls: list[tuple], reward_fn: Callable, timeout_s: float = 60.0, workers: int = 4) -> list[dict]:

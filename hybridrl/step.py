@@ -37,6 +37,7 @@ class RLContext:
     tokenizer: Any
     reward_fn: Any              # (data_source, text, ground_truth, extra_info) -> {"score": ...}
     ref: Any = None             # frozen Policy, when a KL term is used
+    agent: Any = None           # (tools, MultiTurnConfig) when rollout.multi_turn.enable: every rollout is multi-turn
     critic: Any = None          # Critic, for gae
     kl_ctrl: Any = None
     dp: DP = field(default_factory=DP)   # this rank and the world (data parallel)
@@ -141,6 +142,13 @@ async def generate(ctx: RLContext, prompts: list[Sample], sampling: SamplingPara
     """rollout() that survives a rollout server restart: the finished prompts' samples are kept, the weights
     are pushed again (same version: the same weights), and only the lost prompts are sent again, with the
     same seeds. Every rank takes part in a re-push (the gathers are collectives), so all agree first."""
+    if ctx.agent is not None:                           # tools: the multi-turn loop (no re-issue after a restart)
+        from hybridrl.rollout.multiturn import multi_turn_rollout
+        tools, mt = ctx.agent
+        try:
+            return await multi_turn_rollout(ctx.engine, prompts, sampling, ctx.tokenizer, tools, mt, step, first)
+        except HybridRLError as e:
+            raise RolloutFailed(f"the multi-turn rollout failed: {e}") from None
     done: list[Sample] = []
     todo = list(enumerate(prompts, first))
     for attempt in range(attempts + 1):
@@ -224,11 +232,18 @@ def reward_metrics(samples: list[Sample], prefix: str = "") -> dict:
 
 
 def sample_metrics(samples: list[Sample]) -> dict:
-    """Rewards and response lengths over every rank's samples."""
+    """Rewards and response lengths over every rank's samples (and the tool loop's counts when it ran)."""
     lengths = [len(s.response_ids) for s in samples]
-    return {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": float(max(lengths)),
-            "response_length/clip_ratio": sum(s.truncated for s in samples) / len(samples),
-            **reward_metrics(samples)}
+    m = {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": float(max(lengths)),
+         "response_length/clip_ratio": sum(s.truncated for s in samples) / len(samples), **reward_metrics(samples)}
+    if any("num_turns" in s.reward_extra for s in samples):
+        from hybridrl.rollout.multiturn import tokenization_mismatch_rate
+        for key in ("num_turns", "num_tool_calls", "num_tool_errors", "tool_reward"):
+            m[f"multi_turn/{key}"] = sum(float(s.reward_extra.get(key, 0)) for s in samples) / len(samples)
+        m["multi_turn/tokenization_mismatch"] = tokenization_mismatch_rate(samples)
+        for status in sorted({s.finish_reason for s in samples}):
+            m[f"multi_turn/finish_{status}"] = sum(s.finish_reason == status for s in samples) / len(samples)
+    return m
 
 
 def step_metrics(samples, batch, old_logp, ref_logp, entropy, adv, cfg) -> dict:

@@ -250,7 +250,7 @@ async def run(cfg: Config, run_dir: Path, stop: GracefulStop | None = None) -> d
               if cfg.algorithm.adv_estimator == "gae" else None)
     from hybridrl.rewards import load_reward_fn
     ctx = RLContext(cfg, None, actor, tokenizer, load_reward_fn(cfg.reward), ref=ref, critic=critic,
-                    kl_ctrl=make_kl_ctrl(cfg), dp=dp)
+                    kl_ctrl=make_kl_ctrl(cfg), dp=dp, agent=make_agent(cfg))
     loader = PromptLoader(train_prompts, cfg.data.train_batch_size, cfg.data.shuffle, cfg.data.seed)
     total = total_steps(cfg, loader)
     start = resume(cfg, run_dir, ctx, loader)
@@ -353,6 +353,23 @@ def total_steps(cfg: Config, loader: PromptLoader) -> int:
     if cfg.trainer.total_training_steps > 0:
         return cfg.trainer.total_training_steps
     return loader.steps_per_epoch * cfg.trainer.total_epochs
+
+
+def make_agent(cfg: Config):
+    """(tools, MultiTurnConfig) for rollout.multi_turn.enable, else None (single-turn rollouts)."""
+    m = cfg.rollout.multi_turn
+    if not m.enable:
+        return None
+    from hybridrl.rollout.multiturn import MultiTurnConfig
+    from hybridrl.rollout.tools import load_tools
+    tools = load_tools(m.tool_config_path) if m.tool_config_path else {}
+    cap = lambda v: None if v < 0 else v  # noqa: E731
+    return tools, MultiTurnConfig(
+        enable=True, max_assistant_turns=cap(m.max_assistant_turns), max_user_turns=cap(m.max_user_turns),
+        max_parallel_calls=m.max_parallel_calls, max_tool_response_length=m.max_tool_response_length,
+        tool_response_truncate_side=m.tool_response_truncate_side, tool_timeout_s=m.tool_timeout_s,
+        format=m.format, tokenization_sanity_check_mode=m.tokenization_sanity_check_mode,
+        max_model_len=cfg.data.max_prompt_length + cfg.rollout.response_length)
 
 
 def make_kl_ctrl(cfg: Config):

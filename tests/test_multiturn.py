@@ -300,3 +300,50 @@ def test_sanity_check_flags_retokenization_drift(tok):
     lenient = MultiTurnConfig(tokenization_sanity_check_mode="ignore_strippable")
     [s] = run(Odd(tok, [ANSWER]), tok, [prompt(tok)], lenient)
     assert s.reward_extra["tokenization_ok"] is True
+
+
+def test_train_with_multi_turn_tools_end_to_end(tmp_path, tiny_qwen2_dir, monkeypatch):
+    """`rollout.multi_turn.enable` with a calculator YAML (verl's keys): the engine (scripted: a tool call, then an
+    answer) gets the tool's result back, the step trains on the model's tokens only, metrics count the calls."""
+    import json
+    from hybridrl.config import load_config
+    from hybridrl.models import load_tokenizer
+    from hybridrl.rollout.native.engine import NativeEngine
+    from hybridrl.train import train
+    tok = load_tokenizer(tiny_qwen2_dir)
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus 3?"}], "data_source": "toy",
+             "reward_model": {"ground_truth": str(i + 3)}} for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "r.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                                   "    return float(ground_truth in solution_str)\n")
+    (tmp_path / "tools.yaml").write_text(
+        "tools:\n  - class_name: hybridrl.rollout.tools.CalculatorTool\n    config: {type: native}\n"
+        "    tool_schema:\n      type: function\n      function:\n        name: calculator\n"
+        "        description: arithmetic\n        parameters: {type: object, properties: {expression: {type: string}}}\n")
+    seen = []
+
+    async def scripted(self, input_ids, sampling, request_id=None):
+        turn = int(request_id.rsplit("-t", 1)[1])
+        seen.append((request_id, tok.decode(input_ids)))
+        text = ('<tool_call>{"name": "calculator", "arguments": {"expression": "4+3"}}</tool_call><|im_end|>'
+                if turn == 0 else "it is 7<|im_end|>")
+        ids = tok.encode(text, add_special_tokens=False)
+        from hybridrl.rollout.base import GenerateOutput
+        return [GenerateOutput(ids, [-0.5] * len(ids), "stop", len(input_ids), len(ids), self.weight_version)]
+
+    monkeypatch.setattr(NativeEngine, "generate", scripted)
+    run = tmp_path / "run"
+    out = train(load_config([
+        f"model.path={tiny_qwen2_dir}", f"data.train_files=[{tmp_path}/train.jsonl]", f"reward.custom_path={tmp_path}/r.py",
+        "data.train_batch_size=4", "actor.ppo_mini_batch_size=2", "rollout.n=2", "rollout.response_length=256",
+        "trainer.device=cpu", "trainer.val_before_train=false", "trainer.logger=[jsonl]",
+        "trainer.total_training_steps=2", f"trainer.default_local_dir={run}", "rollout.kv_block_size=16",
+        "actor_rollout_ref.rollout.multi_turn.enable=true",
+        f"actor_rollout_ref.rollout.multi_turn.tool_config_path={tmp_path}/tools.yaml",
+        "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=3"]))
+    m = [json.loads(line) for line in open(out["metrics"])][-1]
+    assert m["multi_turn/num_tool_calls"] == 1.0 and m["multi_turn/num_turns"] == 2.0
+    assert m["multi_turn/num_tool_errors"] == 0.0 and m["multi_turn/finish_stop"] == 1.0
+    second_turns = [text for rid, text in seen if rid.endswith("-t1")]
+    assert second_turns and all("7" in t.split("</tool_call>")[-1] for t in second_turns)   # the tool's answer
+    assert "actor/pg_loss" in m and m["reward/mean"] > 0
