@@ -4,7 +4,7 @@
     hybridrl merge --checkpoint RUN/checkpoints/step_N --out DIR   # a sharded checkpoint as one HF folder
     hybridrl generate [--config FILE] [key=value ...]
     hybridrl serve [--config FILE] [--host H] [--port P] [key=value ...]
-    hybridrl prepare-data gsm8k --out DIR
+    hybridrl prepare-data gsm8k --out DIR [--multi-turn]
     hybridrl prepare-data reasoning-gym --task NAME --size N --out DIR [--seed S] [--val-size M]
     hybridrl prepare-model smollm2 --out DIR
     hybridrl config show [--config FILE] [--comments] [key=value ...]
@@ -63,7 +63,7 @@ def cmd_config_show(args) -> None:
 def cmd_prepare_data(args) -> None:
     from hybridrl import data
     if args.dataset == "gsm8k":
-        written = data.prepare_gsm8k(args.out)
+        written = data.prepare_gsm8k(args.out, multi_turn=args.multi_turn)
     else:
         extra = {} if args.val_size is None else {"val_size": args.val_size}
         written = data.prepare_reasoning_gym(args.task, args.size, args.out, seed=args.seed, **extra)
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     gsm = dsub.add_parser("gsm8k", help="GSM8K test split from the offline package, as verl's preprocess writes it")
     gsm.add_argument("--out", required=True, metavar="DIR")
+    gsm.add_argument("--multi-turn", action="store_true",
+                     help="rows for the tool loop: a system prompt naming the calculator, extra_info.tools_kwargs")
     rg = dsub.add_parser("reasoning-gym", help="generated reasoning-gym tasks with their ground truth")
     rg.add_argument("--task", required=True, help="reasoning-gym task name, e.g. basic_arithmetic")
     rg.add_argument("--size", required=True, type=int, help="training prompts to generate")

@@ -240,10 +240,28 @@ def gsm8k_row(example: dict, index: int, split: str = "test") -> dict:
     }
 
 
-def prepare_gsm8k(out_dir) -> str:
-    """Write out_dir/test.parquet: the 1,319 GSM8K test problems in verl's layout. Returns its path."""
+GSM8K_TOOL_SYSTEM = (
+    "You are a math expert. You may call the calculator tool for arithmetic: write "
+    '<tool_call>{"name": "calculator", "arguments": {"expression": "12*7+3"}}</tool_call> and its result comes back '
+    "in the next message. Think step by step, then output the final answer after \"####\".")
+
+
+def gsm8k_tool_row(example: dict, index: int, split: str = "test") -> dict:
+    """A GSM8K row for the multi-turn tool loop (verl's gsm8k_multiturn layout): a system prompt naming the
+    calculator tool, and extra_info.tools_kwargs for it."""
+    row = gsm8k_row(example, index, split)
+    row["prompt"] = [{"role": "system", "content": GSM8K_TOOL_SYSTEM}, *row["prompt"]]
+    row["extra_info"]["need_tools_kwargs"] = True
+    row["extra_info"]["tools_kwargs"] = {"calculator": {"create_kwargs": {"ground_truth": row["reward_model"]["ground_truth"]}}}
+    return row
+
+
+def prepare_gsm8k(out_dir, multi_turn: bool = False) -> str:
+    """Write out_dir/test.parquet: the 1,319 GSM8K test problems in verl's layout (with multi_turn: for the tool
+    loop, see examples/gsm8k_tool_grpo.yaml). Returns its path."""
     examples = read_rows(gsm8k_source())
-    rows = [gsm8k_row(ex, i) for i, ex in enumerate(examples)]
+    make = gsm8k_tool_row if multi_turn else gsm8k_row
+    rows = [make(ex, i) for i, ex in enumerate(examples)]
     return write_rows(rows, Path(out_dir) / "test.parquet")
 
 

@@ -66,7 +66,7 @@ def calls(monkeypatch):
     fake = {"hybridrl.train": {"train": lambda cfg: calls.update(train=cfg)},
             "hybridrl.generate": {"generate": lambda cfg: calls.update(generate=cfg)},
             "hybridrl.rollout.native.server": {"serve": lambda cfg, host, port: calls.update(serve=(cfg, host, port))},
-            "hybridrl.data": {"prepare_gsm8k": lambda out: calls.update(gsm8k=out) or f"{out}/test.parquet",
+            "hybridrl.data": {"prepare_gsm8k": lambda out, multi_turn=False: calls.update(gsm8k=out, multi_turn=multi_turn) or f"{out}/test.parquet",
                               "prepare_reasoning_gym": lambda *a, **k: calls.update(rg=(a, k)) or {"train": "t.parquet"}},
             "hybridrl.models": {"prepare_smollm2": lambda out: calls.update(smollm2=out) or out}}
     for name, attrs in fake.items():
@@ -111,6 +111,8 @@ def test_handlers_get_the_config(calls, capsys):
     assert calls["generate"].data.n_samples == 3 and calls["generate"].rollout.temperature == 0
     assert cli.main(["serve", "--port", "31000", "rollout.n=1"]) == 0 and calls["serve"][1:] == ("127.0.0.1", 31000)
     assert cli.main(["prepare-data", "gsm8k", "--out", "d"]) == 0 and calls["gsm8k"] == "d"
+    assert calls["multi_turn"] is False
+    assert cli.main(["prepare-data", "gsm8k", "--multi-turn", "--out", "d"]) == 0 and calls["multi_turn"] is True
     assert cli.main(["prepare-data", "reasoning-gym", "--task", "countdown", "--size", "5", "--out", "r",
                      "--seed", "3", "--val-size", "2"]) == 0
     assert calls["rg"] == (("countdown", 5, "r"), {"seed": 3, "val_size": 2})

@@ -182,6 +182,17 @@ def test_prepare_gsm8k_has_verl_layout(gsm8k_file):
     assert any("," in r["extra_info"]["answer"].split("####")[-1] for r in rows)  # commas were really removed
 
 
+def test_gsm8k_multi_turn_rows_name_the_calculator(tmp_path, tiny_tok):
+    from hybridrl.data import prepare_gsm8k
+    rows = read_rows(prepare_gsm8k(tmp_path, multi_turn=True))
+    first = rows[0]
+    assert len(rows) == 1319 and [m["role"] for m in first["prompt"]] == ["system", "user"]
+    assert "calculator" in first["prompt"][0]["content"] and "<tool_call>" in first["prompt"][0]["content"]
+    assert first["extra_info"]["tools_kwargs"] == {"calculator": {"create_kwargs": {"ground_truth": "18"}}}
+    assert first["reward_model"]["ground_truth"] == "18"
+    assert load_prompts([str(tmp_path / "test.parquet")], tiny_tok, 10_000)[0].raw_prompt[0]["role"] == "system"
+
+
 def test_gsm8k_loads_with_a_chat_template(gsm8k_file, tiny_tok):
     samples = load_prompts([gsm8k_file], tiny_tok, max_prompt_length=100_000, max_samples=20)
     assert len(samples) == 20 and samples[0].ground_truth == "18"
