@@ -12,41 +12,15 @@ import argparse
 import datetime
 import json
 import os
-import random
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-REWARD = '''
-def compute_score(data_source, solution_str, ground_truth, extra_info=None):
-    # random weights produce random text: score a property of it so groups have non-zero advantages
-    return (sum(map(ord, solution_str)) % 7) / 6.0
-'''
-WORDS = "the of and to in is was for on that with as by at from it an be this are or which".split()
-
-
 def make_inputs(root: Path, size: str, n_prompts: int) -> tuple[str, str, str]:
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-    from hybridrl.data import write_rows
-    from hybridrl.models import qwen25_shape_config, qwen25_tokenizer
-    model_dir = root / f"qwen25_{size}"
-    if not (model_dir / "tokenizer_config.json").exists():     # the tokenizer is written last
-        torch.manual_seed(0)
-        cfg = Qwen2Config(**qwen25_shape_config(size))
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):   # random init of 7B: seconds on a GPU
-            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
-        model.save_pretrained(model_dir, safe_serialization=True)
-        del model
-        qwen25_tokenizer().save_pretrained(model_dir)
-    rng = random.Random(0)
-    rows = [{"prompt": [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(110))}],
-             "data_source": "bench", "reward_model": {"style": "rule", "ground_truth": ""}, "extra_info": {"i": i}}
-            for i in range(n_prompts * 4)]
-    write_rows(rows, str(root / "prompts.parquet"))
-    (root / "reward.py").write_text(REWARD)
-    return str(model_dir), str(root / "prompts.parquet"), str(root / "reward.py")
+    """The standard workload's model folder, prompts and reward: `hybridrl bench`'s (hybridrl/bench.py)."""
+    from hybridrl.bench import make_inputs as bench_inputs
+    return bench_inputs(Path(root), size, n_prompts)
 
 
 def run(backend: str, model_dir: str, data: str, reward: str, root: Path, args) -> dict:

@@ -217,7 +217,28 @@ def ppo_update(batch: TrainBatch, loss_fn: LossFn, optim: Optimizer, *, epochs: 
     return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
 
-class Policy:
+class Checkpointed:
+    """What Policy and Critic save: `root` (the FSDP module) and `optim` (an Optimizer, or None when frozen)."""
+    root: nn.Module
+    optim: Optimizer | None
+
+    def sharded_state(self) -> dict:
+        """Model + optimizer shards for torch.distributed.checkpoint (each rank its own part)."""
+        return fsdp.sharded_state(self.root, self.optim.opt if self.optim else None)
+
+    def load_sharded_state(self, state: dict) -> None:
+        fsdp.set_sharded_state(self.root, self.optim.opt if self.optim else None, state)
+
+    def state_dict(self) -> dict:
+        """The plain part of a checkpoint (scheduler, NaN streak); weights are in sharded_state()."""
+        return {"scheduler": self.optim.sched.state_dict(), "nan_streak": self.optim.nan_streak}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.optim.sched.load_state_dict(sd["scheduler"])
+        self.optim.nan_streak = sd.get("nan_streak", 0)
+
+
+class Policy(Checkpointed):
     """The actor (trainable) or the reference (frozen, `trainable=False`), FSDP2-sharded over the ranks.
 
     norm_len: the configured max response length (rollout.response_length), the divisor of
@@ -311,23 +332,9 @@ class Policy:
         bad = not bool(torch.stack(local).all()) if local else False
         return self.dp.sum(bad) == 0
 
-    def sharded_state(self) -> dict:
-        """Model + optimizer shards for torch.distributed.checkpoint (each rank its own part)."""
-        return fsdp.sharded_state(self.root, self.optim.opt if self.optim else None)
-
-    def load_sharded_state(self, state: dict) -> None:
-        fsdp.set_sharded_state(self.root, self.optim.opt if self.optim else None, state)
-
-    def state_dict(self) -> dict:
-        """The plain part of a checkpoint (scheduler, NaN streak); weights are in sharded_state()."""
-        return {"scheduler": self.optim.sched.state_dict(), "nan_streak": self.optim.nan_streak}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.optim.sched.load_state_dict(sd["scheduler"])
-        self.optim.nan_streak = sd.get("nan_streak", 0)
 
 
-class Critic:
+class Critic(Checkpointed):
     """Value model: the policy's backbone family with a scalar head on every response position."""
 
     def __init__(self, path: str, model_cfg: ModelConfig, cfg: CriticConfig, device: torch.device,
@@ -376,18 +383,6 @@ class Critic:
         names = {"loss": "vf_loss", "grad_norm": "vf_grad_norm"}
         return {f"critic/{names.get(k, k)}": v for k, v in m.items()}
 
-    def sharded_state(self) -> dict:
-        return fsdp.sharded_state(self.root, self.optim.opt)
-
-    def load_sharded_state(self, state: dict) -> None:
-        fsdp.set_sharded_state(self.root, self.optim.opt, state)
-
-    def state_dict(self) -> dict:
-        return {"scheduler": self.optim.sched.state_dict(), "nan_streak": self.optim.nan_streak}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.optim.sched.load_state_dict(sd["scheduler"])
-        self.optim.nan_streak = sd.get("nan_streak", 0)
 
 
 def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
